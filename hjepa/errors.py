@@ -1,0 +1,25 @@
+"""Errors that mean "the input is wrong", as opposed to a bug.
+
+The command-line entry points print these as one message and exit non-zero instead of
+showing a traceback.
+"""
+
+
+class HJEPAError(Exception):
+    """Base class: the message says what was expected and where."""
+
+
+class ConfigError(HJEPAError):
+    """An invalid config value, key or combination."""
+
+
+class DataError(HJEPAError):
+    """Missing data, a wrong folder layout, or an unusable dataset."""
+
+
+class CheckpointError(HJEPAError):
+    """A missing, corrupt or incompatible checkpoint."""
+
+
+class NonFiniteLossError(HJEPAError):
+    """Training produced a NaN or infinite loss."""
