@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import hydra.utils
@@ -60,7 +60,7 @@ class RootConfig:
     trainer: dict
     hardware: dict
     logger: dict
-    monitor: dict = field(default_factory=dict)
+    monitor: dict
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -1,0 +1,185 @@
+"""Metric sinks: a JSONL file (always), a tqdm progress bar, and optionally Weights & Biases.
+
+Only the process of rank 0 creates a Logger that writes; other ranks get `enabled=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+TARGET_COLOURS = np.array([[230, 60, 60], [60, 160, 230], [250, 200, 40], [150, 80, 220], [60, 200, 120]])
+
+
+class Logger:
+    """`wandb: true` mirrors every metric, the resolved config and the mask picture to W&B.
+
+    `mode: auto` runs W&B online when an API key is configured (WANDB_API_KEY or a
+    `wandb login`) and offline otherwise, so a machine without an account or network never
+    prompts; WANDB_MODE in the environment wins over both.
+    """
+
+    def __init__(
+        self,
+        wandb: bool = False,
+        project: str = "hjepa",
+        entity: Optional[str] = None,
+        mode: Literal["auto", "online", "offline"] = "auto",
+        tags: list[str] = (),
+        progress: bool = True,
+    ):
+        self.use_wandb, self.project, self.entity = wandb, project, entity
+        self.mode, self.tags, self.show_progress = mode, list(tags), progress
+        self.enabled = False
+        self._bar = None
+        self._wandb_run = None
+        self._file = None
+
+    def start(self, run_dir: Path, config: dict, total_steps: int, start_step: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        _truncate_after(self.metrics_path, start_step)
+        self._file = open(self.metrics_path, "a", buffering=1)
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+        if self.use_wandb:
+            self._wandb_run = _start_wandb(self, config)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(metrics, step=step)
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.refresh()
+
+    def image(self, name: str, picture: np.ndarray) -> Path | None:
+        """Save an HxWx3 uint8 picture as <run_dir>/<name>.png (and to W&B)."""
+        if not self.enabled:
+            return None
+        path = self.run_dir / f"{name}.png"
+        Image.fromarray(picture).save(path)
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({name: wandb.Image(picture)}, commit=False)
+        return path
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update(values)
+
+    def write(self, message: str) -> None:
+        """Print without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint we resume from: they are redone."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _start_wandb(logger: Logger, config: dict) -> Any:
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or logger.mode
+    if mode == "auto":
+        mode = "online" if _wandb_has_key() else "offline"
+    kwargs = dict(project=logger.project, entity=logger.entity, tags=logger.tags, config=config,
+                  dir=str(logger.run_dir), name=logger.run_dir.name, resume="allow",
+                  id=_wandb_run_id(logger.run_dir))
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+    except Exception as e:  # no network, server down: keep training, log locally
+        logger.write(f"wandb online init failed ({type(e).__name__}: {e}); logging offline instead")
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.write_text(run_id)
+    return run_id
+
+
+def mask_picture(images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor,
+                 grid: tuple[int, int], max_images: int = 8, min_side: int = 128) -> np.ndarray:
+    """A row of images with the context patches shown as is, target blocks tinted by block
+    and everything else (neither context nor target) dimmed."""
+    n = min(max_images, images.shape[0])
+    gh, gw = grid
+    tiles = []
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        h, w = img.shape[:2]
+        ph, pw = h // gh, w // gw
+        shade = np.full(gh * gw, 0.25, dtype=np.float32)
+        shade[context[i].cpu().numpy()] = 1.0
+        tint = np.zeros((gh * gw, 3), dtype=np.float32)
+        for t, block in enumerate(targets[i].cpu().numpy()):
+            tint[block] = TARGET_COLOURS[t % len(TARGET_COLOURS)]
+            shade[block] = np.where(shade[block] == 1.0, 1.0, 0.55)
+        per_pixel = np.repeat(np.repeat(shade.reshape(gh, gw), ph, 0), pw, 1)[..., None]
+        tint_px = np.repeat(np.repeat(tint.reshape(gh, gw, 3), ph, 0), pw, 1)
+        has_tint = tint_px.sum(-1, keepdims=True) > 0
+        out = img[: gh * ph, : gw * pw] * per_pixel
+        out = np.where(has_tint, 0.55 * out + 0.45 * tint_px, out)
+        scale = max(1, -(-min_side // out.shape[0]))
+        out = np.repeat(np.repeat(out, scale, 0), scale, 1)
+        tiles.append(np.pad(out, ((2, 2), (2, 2), (0, 0)), constant_values=255))
+    return np.concatenate(tiles, axis=1).clip(0, 255).astype(np.uint8)

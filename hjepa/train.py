@@ -1,0 +1,158 @@
+"""`python -m hjepa.train [overrides]`: pretrain H-JEPA on the composed config.
+
+This is the composition root: it validates the config, builds every object with
+`hydra.utils.instantiate` (through `hjepa.config.build`) and hands them to the Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from hjepa.config import build, validate
+from hjepa.data.mixture import Mixture, normalize_weights
+from hjepa.data.transforms import eval_transform
+from hjepa.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from hjepa.errors import ConfigError, HJEPAError
+
+
+def build_train_data(cfg: DictConfig, transform: Any, name: str = "dataset") -> Mixture:
+    """The training stream: the mixture, or the single dataset as a one-component mixture."""
+    if cfg.mixture is None:
+        if cfg.dataset is None:
+            raise ConfigError("no training data: set dataset=<name> or mixture=<name>")
+        return Mixture({name: build(cfg.dataset, transform=transform)}, strategy="concat", seed=cfg.seed)
+    components = cfg.mixture.components
+    # Weights are checked before any dataset is opened: a typo fails in milliseconds.
+    weights = normalize_weights({n: float(c.weight) for n, c in components.items()})
+    datasets = {n: build(c.dataset, transform=transform) for n, c in components.items()}
+    return Mixture(datasets, weights, strategy=cfg.mixture.strategy, epoch_length=cfg.mixture.epoch_length,
+                   seed=cfg.seed)
+
+
+def monitor_data(cfg: DictConfig, train_data: Mixture, eval_tf: Any) -> Optional[tuple[Any, Any]]:
+    """(labeled memory split, eval split) of the first dataset that has both, else None."""
+    if cfg.mixture is None:
+        candidates = [(cfg.dataset, train_data.datasets[train_data.names[0]])]
+    else:
+        candidates = [(c.dataset, train_data.datasets[n]) for n, c in cfg.mixture.components.items()]
+    for dataset_cfg, dataset in candidates:
+        if getattr(dataset, "eval_split", None):
+            memory = build(dataset_cfg, split=dataset.labeled_split, transform=eval_tf)
+            queries = build(dataset_cfg, split=dataset.eval_split, transform=eval_tf)
+            return memory, queries
+    return None
+
+
+def train(cfg: DictConfig, run_dir: Path, dataset_name: str = "dataset") -> dict[str, Any]:
+    cfg = validate(cfg)
+    run_dir = Path(run_dir)
+    hardware = build(cfg.hardware)
+    dist = init_distributed(hardware.device.type)
+    try:
+        return _train(cfg, run_dir, dataset_name, hardware, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dist: DistInfo) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model)
+    trainer = build(cfg.trainer)
+    optimization = build(cfg.optim)
+    logger = build(cfg.logger)
+    monitor = build(cfg.monitor)
+    collator = build(cfg.mask, grid_size=list(model.grid_size))
+    data = build_train_data(cfg, build(cfg.transform), dataset_name)
+
+    config = OmegaConf.to_container(cfg)
+    config_yaml = OmegaConf.to_yaml(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        _write_summary(run_dir, {"status": "running", "started": time.time()})
+        params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+        print(f"hjepa: {cfg.model.arch} ({params:.1f}M params, {cfg.image_size}px, patch {cfg.patch_size}, "
+              f"{len(cfg.model.levels)} level(s)) on {hardware.describe()}, {dist.world_size} process(es)")
+        for name, s in data.stats().items():
+            print(f"  data {name}: {s['size']} images, weight {s['weight']:.3f}, "
+                  f"{s['expected_draws']:.0f} draws/epoch")
+
+    eval_pair = monitor_data(cfg, data, eval_transform(cfg.image_size, monitor.crop_ratio)) if monitor.enabled else None
+    if eval_pair is not None:
+        monitor.attach(*eval_pair, device=hardware.device, num_workers=hardware.num_workers,
+                       autocast=hardware.autocast)
+
+    def random_model() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)  # the very initialisation this run started from
+        return build(cfg.model)
+
+    def on_epoch_end(epoch: int, step: int) -> dict[str, float]:
+        if eval_pair is None or not monitor.every_epochs or epoch % monitor.every_epochs:
+            return {}
+        metrics = monitor.evaluate(model) if dist.is_main else {}
+        barrier(dist)
+        return metrics
+
+    result = trainer.fit(model=model, optimization=optimization, hardware=hardware, dataset=data,
+                         collator=collator, run_dir=run_dir, logger=logger, config=config,
+                         config_yaml=config_yaml, seed=cfg.seed, dist=dist, on_epoch_end=on_epoch_end)
+    result["mixture"] = data.stats()
+    if dist.is_main and result["status"] == "completed":
+        if eval_pair is not None and monitor.at_end:
+            trained = monitor.evaluate(model)
+            baseline = monitor.baseline(random_model)
+            result["knn_top1"], result["knn_top5"] = trained["knn/top1"], trained["knn/top5"]
+            result["random_init_knn_top1"] = baseline["knn/top1"]
+            print(f"kNN top-1 on {len(monitor.queries)} held-out images (k={monitor.k}): "
+                  f"trained {trained['knn/top1']:.1f}%  vs  random init {baseline['knn/top1']:.1f}%")
+        _write_summary(run_dir, result)
+        print(f"checkpoint: {result['checkpoint']}\nmetrics:    {run_dir / 'metrics.jsonl'}\n"
+              f"config:     {run_dir / 'config.yaml'}\nsummary:    {run_dir / 'summary.json'}")
+    elif dist.is_main:
+        _write_summary(run_dir, result)
+    barrier(dist)
+    return result
+
+
+def _write_summary(run_dir: Path, data: dict[str, Any]) -> None:
+    path = run_dir / "summary.json"
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        if cfg.get("mixture") is not None and any(o.startswith("dataset=") for o in hc.overrides.task):
+            raise ConfigError("dataset=... and mixture=... both given: a mixture names its own datasets "
+                              "(mixture.components.<name>.dataset); choose one")
+        result = train(cfg, run_dir, dataset_name=hc.runtime.choices.get("dataset") or "dataset")
+    except HJEPAError as e:
+        if run_dir.exists():
+            _write_summary(run_dir, {"status": "failed", "error": str(e)})
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the launcher records this job as failed and carries on with the sweep
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BaseException as e:
+        if run_dir.exists() and not isinstance(e, SystemExit):
+            _write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+    return result.get("final_loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The config tree composes for every option, and bad keys or types fail before any work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from hjepa.config import build, validate
+from hjepa.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["dataset", "mixture", "transform", "mask", "model", "optim", "trainer", "hardware", "logger", "monitor",
+          "experiment"]
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    extra = [f"dataset.root={tmp_path}"] if option == "image_folder" else []
+    cfg = validate(_compose(f"{group}={option}", *extra))
+    assert cfg.model.img_size == cfg.image_size
+    assert (cfg.dataset is None) != (cfg.mixture is None)
+
+
+def test_unknown_key_in_a_group_is_an_error():
+    with pytest.raises(ConfigError, match=r"model\.dropout_rate: unknown key for HJEPA"):
+        validate(_compose("+model.dropout_rate=0.1"))
+
+
+def test_unknown_top_level_key_is_an_error():
+    with pytest.raises(ConfigError, match="learning_rate: unknown key"):
+        validate(_compose("+learning_rate=0.1"))
+
+
+def test_misspelled_override_is_rejected_by_hydra():
+    with pytest.raises(ConfigCompositionException, match="epoch"):
+        _compose("trainer.epoch=3")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.epochs=ten", r"trainer\.epochs: expected int, got 'ten'"),
+    ("hardware.precision=fp8", r"hardware\.precision: expected one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    ("optim.lr=fast", r"optim\.lr: expected float"),
+    ("mixture=foundation_mini", None),
+])
+def test_wrong_types_are_errors(override, message):
+    if message is None:
+        with pytest.raises(ConfigError, match=r"mixture\.strategy: expected one of"):
+            validate(_compose(override, "mixture.strategy=random"))
+    else:
+        with pytest.raises(ConfigError, match=message):
+            validate(_compose(override))
+
+
+def test_mixture_component_without_dataset_is_an_error():
+    with pytest.raises(ConfigError, match=r"mixture\.components\.extra\.dataset: missing"):
+        validate(_compose("mixture=foundation_mini", "+mixture.components.extra.weight=0.5"))
+
+
+def test_mixture_sets_the_resolution_and_clears_dataset():
+    cfg = validate(_compose("mixture=foundation_mini", "mixture.components.imagenet100.weight=0.5"))
+    assert cfg.dataset is None and cfg.image_size == 224
+    assert cfg.mixture.components.imagenet100.weight == 0.5
+
+
+def test_missing_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        build(validate(_compose("hardware=gpu")).hardware)
+
+
+def test_auto_hardware_picks_a_present_device():
+    hw = build(validate(_compose("hardware=auto")).hardware)
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert hw.device.type == expected
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["dataset=imagenet100", "hardware=m1_max"], ["subset: imagenet100", "device: mps", "batch_size: 32"]),
+    (["mixture=foundation_mini"], ["imagenet100:", "weight: 0.6", "stl10:", "cifar100:"]),
+])
+def test_cfg_job_prints_the_composed_config(overrides, expect):
+    out = subprocess.run([sys.executable, "-m", "hjepa.train", "--cfg", "job", *overrides],
+                         capture_output=True, text=True, cwd=CONF.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for text in expect:
+        assert text in out.stdout
