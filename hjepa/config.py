@@ -171,6 +171,8 @@ def _matches(value: Any, tp: Any, path: str) -> bool:
     if tp is str:
         return isinstance(value, str)
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            return False
         _check_against(value, tp, path)  # raises with the precise key on mismatch
         return True
     if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):

@@ -42,9 +42,10 @@ def build_train_data(cfg: DictConfig, transform: Any, name: str = "dataset") -> 
 def monitor_data(cfg: DictConfig, train_data: Mixture, eval_tf: Any) -> Optional[tuple[Any, Any]]:
     """(labeled memory split, eval split) of the first dataset that has both, else None."""
     if cfg.mixture is None:
-        candidates = [(cfg.dataset, train_data.datasets[train_data.names[0]])]
+        configs = [cfg.dataset]
     else:
-        candidates = [(c.dataset, train_data.datasets[n]) for n, c in cfg.mixture.components.items()]
+        configs = [cfg.mixture.components[n].dataset for n in train_data.names]
+    candidates = zip(configs, train_data.datasets)
     for dataset_cfg, dataset in candidates:
         if getattr(dataset, "eval_split", None):
             memory = build(dataset_cfg, split=dataset.labeled_split, transform=eval_tf)

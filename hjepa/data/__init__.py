@@ -1,0 +1,1 @@
+"""Datasets, transforms, mixtures and the verification CLI; one module per concept."""

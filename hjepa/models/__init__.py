@@ -1,0 +1,1 @@
+"""Encoder (vit), predictor, and the H-JEPA module (levels, pooling, loss, EMA)."""

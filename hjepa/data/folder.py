@@ -1,0 +1,197 @@
+"""Datasets read from image files: the shared base (decode on access; skip or raise on an
+unreadable file) and ImageFolder for any <root>/<class>/<image> tree."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from hjepa.data.io import IMAGE_EXTENSIONS, UnreadableImageError, decode_image
+from hjepa.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# A run of this many unreadable files in a row means a broken dataset, not a few bad files.
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+def existing_dir(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{what} {path} does not exist" + (" (it is a file)" if path.exists() else ""))
+    return path
+
+
+def class_dirs(folder: Path) -> list[str]:
+    """Sorted names of the (non-hidden) sub-folders of `folder`."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(folder: Path) -> list[str]:
+    """Sorted paths of the image files directly in `folder` (extension case-insensitive)."""
+    with os.scandir(folder) as entries:
+        return sorted(
+            e.path
+            for e in entries
+            if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") and e.is_file()
+        )
+
+
+def class_samples(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, label) for every image of folder/<class>/, label = index in `classes`."""
+    samples = []
+    for label, name in enumerate(classes):
+        files = list_images(folder / name)
+        if not files:
+            raise DataError(
+                f"class folder {folder / name} contains no images "
+                f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)}, any case)"
+            )
+        samples += [(f, label) for f in files]
+    return samples
+
+
+class FileDataset(Dataset):
+    """Images listed as (path, label), decoded on access to uint8 [3, H, W].
+
+    With on_error="skip" an unreadable file is logged with its path, counted in
+    `num_skipped` and replaced by the next readable item (deterministic, so every worker
+    and every run sees the same substitute); with "raise" it raises a DataError naming it.
+    """
+
+    labeled_split = "train"
+    eval_split: Optional[str] = None
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        transform: Optional[Callable] = None,
+        on_error: Literal["skip", "raise"] = "skip",
+    ):
+        if on_error not in ("skip", "raise"):
+            raise ConfigError(f"on_error: expected 'skip' or 'raise', got {on_error!r}")
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.transform = transform
+        self.on_error = on_error
+        # Shared memory, so that skips inside DataLoader workers are counted here too. A lock
+        # from the spawn context can be handed to workers started by fork, spawn or forkserver
+        # (a fork-context one is refused by spawn workers, the default on macOS).
+        self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skipped.value
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        for attempt in range(MAX_CONSECUTIVE_SKIPS):
+            path, label = self.samples[(index + attempt) % len(self)]
+            try:
+                image = decode_image(path)
+            except UnreadableImageError as e:
+                if self.on_error == "raise":
+                    raise UnreadableImageError(f"{e} (on_error: skip would skip it)") from None
+                log.warning("skipped unreadable image %s", e)
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                continue
+            return (self.transform(image) if self.transform is not None else image), label
+        raise DataError(
+            f"{MAX_CONSECUTIVE_SKIPS} unreadable images in a row from {self.samples[index][0]}: "
+            "check the dataset with python -m hjepa.data.verify"
+        )
+
+
+class ImageFolder(FileDataset):
+    """Any <root>/<class>/<image> tree; labels = index of the class in sorted order.
+
+    The "val" split is `val_root` (same class folders) when given, else a seeded holdout of
+    each class (`holdout` images per class when an int, that fraction when a float), which
+    the "train" split then excludes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: Literal["train", "val"],
+        transform: Optional[Callable] = None,
+        val_root: Optional[str] = None,
+        holdout: int | float = 0,
+        seed: int = 0,
+        on_error: Literal["skip", "raise"] = "skip",
+    ):
+        root_dir = existing_dir(root, "image folder root")
+        classes = class_dirs(root_dir)
+        if not classes:
+            raise DataError(f"{root_dir} has no class folders: expected <root>/<class name>/<image files>")
+        if isinstance(holdout, bool) or not (
+            (isinstance(holdout, int) and holdout >= 0) or (isinstance(holdout, float) and 0 <= holdout < 1)
+        ):
+            raise ConfigError(f"holdout: expected images per class (int >= 0) or a fraction in [0, 1), got {holdout!r}")
+        if val_root is not None and holdout:
+            raise ConfigError("ImageFolder: give val_root or holdout, not both")
+        if split not in ("train", "val"):
+            raise ConfigError(f"split: expected 'train' or 'val', got {split!r}")
+        self.eval_split = "val" if val_root is not None or holdout else None
+        if split == "val" and self.eval_split is None:
+            raise ConfigError(f"ImageFolder {root_dir} has no val split: set val_root or holdout")
+
+        if val_root is not None and split == "val":
+            val_dir = existing_dir(val_root, "image folder val_root")
+            val_classes = class_dirs(val_dir)
+            if val_classes != classes:
+                extra = sorted(set(val_classes) - set(classes))
+                missing = sorted(set(classes) - set(val_classes))
+                raise DataError(
+                    f"{val_dir} must have the same class folders as {root_dir}: "
+                    f"missing {name_few(missing)}; not in root {name_few(extra)}"
+                )
+            samples = class_samples(val_dir, classes)
+        else:
+            samples = class_samples(root_dir, classes)
+            if holdout:
+                samples = _split_holdout(samples, classes, holdout, seed, keep=split)
+        super().__init__(samples, classes, transform, on_error)
+
+
+def _split_holdout(
+    samples: list[tuple[str, int]], classes: list[str], holdout: int | float, seed: int, keep: str
+) -> list[tuple[str, int]]:
+    """The train or val part of a stratified holdout drawn per class with `seed`."""
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    kept = []
+    for label, items in by_class.items():
+        n = len(items)
+        k = holdout if isinstance(holdout, int) else max(1, round(holdout * n))
+        if k >= n:
+            raise DataError(
+                f"class {classes[label]!r} has {n} images: cannot hold out {k} for val and keep any for train"
+            )
+        # A string seed is hashed with SHA-512 by `random`: stable across processes and runs.
+        held = set(random.Random(f"{seed}/{classes[label]}").sample(range(n), k))
+        kept += [s for i, s in enumerate(items) if (i in held) == (keep == "val")]
+    return kept
+
+
+def name_few(names: list[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

@@ -1,0 +1,145 @@
+"""I-JEPA multi-block masks, vectorised over the batch.
+
+Per batch, one target block size and one context block size are drawn (as the reference
+does, so all target blocks of a batch have the same number of patches); per image,
+`num_targets` target blocks and one context block are placed uniformly at random on the
+patch grid, and the context is the context block minus the union of the targets (unless
+`allow_overlap`). Images whose context keeps fewer than `min_keep` patches are resampled.
+Indices are into the row-major flattened patch grid.
+
+Where this differs from facebookresearch/ijepa's MaskCollator, and why:
+* Equal context lengths: the reference truncates every context to the batch minimum K by
+  keeping its first K indices, i.e. the top rows; the dropped patches are always the
+  bottom ones, a systematic spatial bias. Here each image keeps a uniformly random
+  K-subset of its context patches (sorted), so truncation is unbiased in position.
+* Placement: the reference draws offsets with randint(0, H - h), an exclusive bound, so no
+  block ever touches the last row or column; here every offset 0..H-h is possible, and a
+  block may span the whole grid (context scale 1.0 means the whole image).
+* Block shape: the reference derives scale and aspect ratio from one shared random number
+  (large blocks are always the tall ones); here they are drawn independently.
+* min_keep: a context below min_keep is resampled rather than allowed to overlap targets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from hjepa.errors import ConfigError
+
+MAX_TRIES = 100  # resampling rounds for contexts below min_keep before giving up
+
+
+def _check_range(name: str, values: Sequence[float], low: float, high: float) -> tuple[float, float]:
+    if len(values) != 2 or not low < values[0] <= values[1] <= high:
+        raise ConfigError(f"mask.{name}: expected [min, max] with {low} < min <= max <= {high}, got {list(values)}")
+    return float(values[0]), float(values[1])
+
+
+class MultiBlockMaskCollator:
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        num_targets: int = 4,
+        target_scale: list[float] = (0.15, 0.2),
+        target_aspect: list[float] = (0.75, 1.5),
+        context_scale: list[float] = (0.85, 1.0),
+        context_aspect: list[float] = (1.0, 1.0),
+        min_keep: int = 10,
+        allow_overlap: bool = False,
+    ):
+        if len(grid_size) != 2 or min(grid_size) < 1:
+            raise ConfigError(f"mask: grid_size must be two positive ints, got {grid_size}")
+        if num_targets < 1 or min_keep < 1:
+            raise ConfigError(f"mask: num_targets and min_keep must be >= 1, got {num_targets} and {min_keep}")
+        self.height, self.width = int(grid_size[0]), int(grid_size[1])
+        self.num_targets, self.min_keep, self.allow_overlap = num_targets, min_keep, allow_overlap
+        self.target_scale = _check_range("target_scale", target_scale, 0.0, 1.0)
+        self.target_aspect = _check_range("target_aspect", target_aspect, 0.0, math.inf)
+        self.context_scale = _check_range("context_scale", context_scale, 0.0, 1.0)
+        self.context_aspect = _check_range("context_aspect", context_aspect, 0.0, math.inf)
+        n = self.height * self.width
+        grid = f"the {self.height}x{self.width} patch grid"
+        if int(n * self.target_scale[0]) < 1:
+            raise ConfigError(
+                f"mask.target_scale: {grid} is too small: a target block of scale {self.target_scale[0]} "
+                f"holds int({n} * {self.target_scale[0]}) = 0 patches (use larger images or smaller patches)"
+            )
+        if int(n * self.context_scale[1]) < min_keep:
+            raise ConfigError(
+                f"mask.min_keep: a context block on {grid} holds at most {int(n * self.context_scale[1])} "
+                f"patches, fewer than min_keep={min_keep}"
+            )
+
+    def _block_size(self, scale: tuple[float, float], aspect: tuple[float, float], u: float, v: float) -> tuple[int, int]:
+        """A block of (scale * grid) patches with height/width ~ aspect, as in the reference."""
+        area = int(self.height * self.width * (scale[0] + u * (scale[1] - scale[0])))
+        ratio = aspect[0] + v * (aspect[1] - aspect[0])
+        h = round(math.sqrt(area * ratio))
+        w = round(math.sqrt(area / ratio))
+        return min(max(h, 1), self.height), min(max(w, 1), self.width)
+
+    def _blocks(self, shape: tuple[int, ...], h: int, w: int, generator: torch.Generator) -> Tensor:
+        """Uniformly placed h x w blocks: shape + (h * w,) patch indices, row-major."""
+        top = torch.randint(0, self.height - h + 1, shape + (1, 1), generator=generator)
+        left = torch.randint(0, self.width - w + 1, shape + (1, 1), generator=generator)
+        rows = top + torch.arange(h).view(h, 1)
+        cols = left + torch.arange(w).view(1, w)
+        return (rows * self.width + cols).reshape(shape + (h * w,))
+
+    def sample_blocks(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The untruncated masks: (context BoolTensor[B, N], targets LongTensor[B, T, M]).
+        ``sample`` starts with exactly this call, then equalises the context lengths."""
+        u = torch.rand(4, generator=generator).tolist()
+        th, tw = self._block_size(self.target_scale, self.target_aspect, u[0], u[1])
+        ch, cw = self._block_size(self.context_scale, self.context_aspect, u[2], u[3])
+        B, T, N = batch_size, self.num_targets, self.height * self.width
+        targets = torch.empty(B, T, th * tw, dtype=torch.long)
+        context = torch.empty(B, N, dtype=torch.bool)
+        todo = torch.arange(B)  # images still to (re)sample
+        for _ in range(MAX_TRIES):
+            n = len(todo)
+            tgt = self._blocks((n, T), th, tw, generator)
+            ctx = torch.zeros(n, N, dtype=torch.bool).scatter_(1, self._blocks((n,), ch, cw, generator), True)
+            if not self.allow_overlap:
+                ctx.scatter_(1, tgt.reshape(n, -1), False)
+            targets[todo], context[todo] = tgt, ctx
+            todo = todo[ctx.sum(1) < self.min_keep]
+            if len(todo) == 0:
+                return context, targets
+        raise ConfigError(
+            f"mask: after {MAX_TRIES} tries some contexts still keep fewer than min_keep={self.min_keep} "
+            f"patches ({ch}x{cw} context block, {T} target blocks of {th}x{tw} on a "
+            f"{self.height}x{self.width} grid); lower min_keep, num_targets or target_scale"
+        )
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(context LongTensor[B, K], targets LongTensor[B, T, M]); K is the batch minimum of
+        the context sizes, each image keeping a uniformly random K-subset (sorted)."""
+        context, targets = self.sample_blocks(batch_size, generator)
+        k = int(context.sum(1).min())
+        # Random keys, non-context patches last: the k smallest are a uniform k-subset.
+        keys = torch.rand(context.shape, generator=generator).masked_fill_(~context, 2.0)
+        keep = keys.topk(k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+        return keep, targets
+
+    def __call__(self, items: list[tuple]) -> dict[str, Tensor]:
+        """items: (image uint8 [3, H, W], label[, source[, key]]). The masks are seeded by
+        the first item's key when there is one, so they follow the data stream whatever the
+        number of loader workers; otherwise by the global torch RNG."""
+        generator = torch.Generator()
+        if len(items[0]) > 3:
+            generator.manual_seed(int(items[0][3]))
+        else:
+            generator.manual_seed(int(torch.randint(2**62, ())))
+        context, targets = self.sample(len(items), generator)
+        return {
+            "images": torch.stack([item[0] for item in items]),
+            "labels": torch.tensor([int(item[1]) for item in items], dtype=torch.long),
+            "sources": torch.tensor([int(item[2]) if len(item) > 2 else 0 for item in items], dtype=torch.long),
+            "context": context,
+            "targets": targets,
+        }

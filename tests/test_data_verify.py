@@ -1,0 +1,102 @@
+"""`python -m hjepa.data.verify`: the report on real data, exit status, and no files written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from hjepa.data.verify import verify
+from test_data_datasets import make_imagenet_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _verify(capsys, *overrides, full=False):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    ok = verify(cfg, full=full)
+    return ok, capsys.readouterr().out
+
+
+@pytest.fixture
+def imagenet_root(imagenet_samples, tmp_path):
+    return make_imagenet_tree(imagenet_samples, tmp_path / "imagenet")
+
+
+def test_imagenet100_report(imagenet_root, capsys):
+    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}")
+    assert ok, out
+    lines = out.splitlines()
+    assert "GiB free" in lines[0] and str(imagenet_root) in lines[0]
+    assert lines[1].split() == ["split", "classes", "missing", "images", "per", "class", "unlabeled", "unreadable"]
+    assert lines[2].split() == ["train", "100/100", "0", "100", "1-1", "0", "0"]
+    assert lines[3].split() == ["val", "100/100", "0", "100", "1-1", "0", "0"]
+    assert lines[-1] == "usable"
+
+
+def test_missing_classes_and_unreadable_files_are_reported(imagenet_root, capsys):
+    val = imagenet_root / "val"
+    for wnid in ("n01558993", "n01692333", "n01729322"):  # three ImageNet-100 classes gone from val
+        for f in os.listdir(val / wnid):
+            os.remove(val / wnid / f)
+        os.rmdir(val / wnid)
+    train = imagenet_root / "train" / "n01749939"
+    (train / "empty.JPEG").write_bytes(b"")
+    (train / "notes.JPEG").write_text("not an image")
+    jpeg = next(train.glob("n*.JPEG")).read_bytes()
+    (train / "truncated.JPEG").write_bytes(jpeg[: len(jpeg) // 2])  # valid header: only +full finds it
+    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}")
+    assert not ok
+    assert "train  100/100  0        103" in out and "2" == out.splitlines()[2].split()[-1]
+    assert f"unreadable {train / 'empty.JPEG'}: empty file (0 bytes)" in out
+    assert f"unreadable {train / 'notes.JPEG'}: not an image" in out
+    assert "val: 3 of the 100 ImageNet-100 classes have no folder in" in out and "n01558993" in out
+    assert out.splitlines()[-1].startswith("NOT usable")
+
+    ok, out = _verify(capsys, "dataset=imagenet", f"dataset.root={imagenet_root}", "dataset.subset=null",
+                      "dataset.split=train", full=True)
+    assert "truncated.JPEG: not a decodable image (Image is incomplete or truncated)" in out
+
+
+def test_unreadable_files_are_usable_when_skipped_not_when_raised(imagenet_root, capsys):
+    (imagenet_root / "train" / "n01558993" / "empty.JPEG").write_bytes(b"")
+    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}")
+    assert ok and "empty.JPEG: empty file" in out
+    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}", "dataset.on_error=raise")
+    assert not ok and "training stops at the first of them" in out
+
+
+def test_generated_and_folder_datasets(cifar10_train, capsys):
+    ok, out = _verify(capsys, "dataset=synthetic")
+    assert ok and "train  10/10    0        8192    819-820" in out
+    ok, out = _verify(capsys, "dataset=image_folder", f"dataset.root={cifar10_train}", "dataset.holdout=500")
+    assert ok and "val    10/10    0        5000    500-500    0          0" in out
+
+
+def test_absent_mixture_components_say_how_to_get_them(imagenet_root, tmp_path, capsys):
+    ok, out = _verify(capsys, "mixture=foundation_mini", f"data_root={tmp_path}",
+                      f"mixture.components.imagenet100.dataset.root={imagenet_root}",
+                      "mixture.components.stl10.dataset.download=false",
+                      "mixture.components.cifar100.dataset.download=false")
+    assert not ok
+    assert "imagenet100: hjepa.data.imagenet.ImageNet" in out and "  train  100/100" in out
+    assert "STL-10 not found" in out and "stl10_binary.tar.gz" in out
+    assert "CIFAR-100 not found" in out and "cifar-100-python.tar.gz" in out
+
+
+def test_command_line_exit_status_and_no_files_written(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = sorted(os.listdir(ROOT / "outputs")) if (ROOT / "outputs").exists() else []
+    result = subprocess.run(
+        [sys.executable, "-m", "hjepa.data.verify", "dataset=imagenet", f"dataset.root={tmp_path / 'absent'}"],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "ImageNet root" in result.stdout and "image-net.org" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not any(cwd.iterdir())
+    assert (sorted(os.listdir(ROOT / "outputs")) if (ROOT / "outputs").exists() else []) == before
