@@ -7,6 +7,7 @@ This is the composition root: it validates the config, builds every object with
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from hjepa.config import build, validate
 from hjepa.data.mixture import Mixture, normalize_weights
 from hjepa.data.transforms import eval_transform
-from hjepa.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from hjepa.engine.distributed import DistInfo, barrier, broadcast, export_task_env, init_distributed, shutdown
+from hjepa.engine.preemption import PreemptionSignal
 from hjepa.errors import ConfigError, HJEPAError
+from hjepa.eval.splits import labeled_splits
 
 
 def build_train_data(cfg: DictConfig, transform: Any, name: str = "dataset") -> Mixture:
@@ -40,26 +43,24 @@ def build_train_data(cfg: DictConfig, transform: Any, name: str = "dataset") -> 
 
 
 def monitor_data(cfg: DictConfig, train_data: Mixture, eval_tf: Any) -> Optional[tuple[Any, Any]]:
-    """(labeled memory split, eval split) of the first dataset that has both, else None."""
+    """(labeled memory split, eval split) of the first dataset that has both, else the
+    labeled split of the first dataset and a fixed held-out part of it (hjepa.eval.splits)."""
     if cfg.mixture is None:
-        configs = [cfg.dataset]
+        configs = {train_data.names[0]: cfg.dataset}
     else:
-        configs = [cfg.mixture.components[n].dataset for n in train_data.names]
-    candidates = zip(configs, train_data.datasets)
-    for dataset_cfg, dataset in candidates:
-        if getattr(dataset, "eval_split", None):
-            memory = build(dataset_cfg, split=dataset.labeled_split, transform=eval_tf)
-            queries = build(dataset_cfg, split=dataset.eval_split, transform=eval_tf)
-            return memory, queries
-    return None
+        configs = {n: cfg.mixture.components[n].dataset for n in train_data.names}
+    splits = labeled_splits(configs, eval_tf)
+    return splits.train, splits.eval
 
 
 def train(cfg: DictConfig, run_dir: Path, dataset_name: str = "dataset") -> dict[str, Any]:
     cfg = validate(cfg)
-    run_dir = Path(run_dir)
+    export_task_env()  # before the device is chosen: Hardware takes cuda:LOCAL_RANK
     hardware = build(cfg.hardware)
     dist = init_distributed(hardware.device.type)
     try:
+        # Every rank resumes from and reports to rank 0's run directory (see `cli`).
+        run_dir = Path(broadcast(str(Path(run_dir).absolute()), dist))
         return _train(cfg, run_dir, dataset_name, hardware, dist)
     finally:
         shutdown(dist)
@@ -101,12 +102,16 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dis
         if eval_pair is None or not monitor.every_epochs or epoch % monitor.every_epochs:
             return {}
         metrics = monitor.evaluate(model) if dist.is_main else {}
+        warning = monitor.warning(metrics) if dist.is_main else None
+        if warning:
+            logger.write(f"epoch {epoch}: {warning}")
         barrier(dist)
         return metrics
 
-    result = trainer.fit(model=model, optimization=optimization, hardware=hardware, dataset=data,
-                         collator=collator, run_dir=run_dir, logger=logger, config=config,
-                         config_yaml=config_yaml, seed=cfg.seed, dist=dist, on_epoch_end=on_epoch_end)
+    with PreemptionSignal(trainer.request_stop) as preemption:
+        result = trainer.fit(model=model, optimization=optimization, hardware=hardware, dataset=data,
+                             collator=collator, run_dir=run_dir, logger=logger, config=config,
+                             config_yaml=config_yaml, seed=cfg.seed, dist=dist, on_epoch_end=on_epoch_end)
     result["mixture"] = data.stats()
     if dist.is_main and result["status"] == "completed":
         if eval_pair is not None and monitor.at_end:
@@ -114,14 +119,22 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dis
             baseline = monitor.baseline(random_model)
             result["knn_top1"], result["knn_top5"] = trained["knn/top1"], trained["knn/top5"]
             result["random_init_knn_top1"] = baseline["knn/top1"]
+            result["feature_std"] = trained["features/std"]
+            result["feature_effective_rank"] = trained["features/effective_rank"]
             print(f"kNN top-1 on {len(monitor.queries)} held-out images (k={monitor.k}): "
                   f"trained {trained['knn/top1']:.1f}%  vs  random init {baseline['knn/top1']:.1f}%")
+            warning = monitor.warning(trained)
+            if warning:
+                result["collapse_warning"] = warning
+                print(warning)
         _write_summary(run_dir, result)
         print(f"checkpoint: {result['checkpoint']}\nmetrics:    {run_dir / 'metrics.jsonl'}\n"
               f"config:     {run_dir / 'config.yaml'}\nsummary:    {run_dir / 'summary.json'}")
     elif dist.is_main:
         _write_summary(run_dir, result)
     barrier(dist)
+    if result["status"] == "interrupted":
+        preemption.pass_on()  # under submitit: resubmit this job, requeue it and exit
     return result
 
 
@@ -136,24 +149,36 @@ def _write_summary(run_dir: Path, data: dict[str, Any]) -> None:
 def main(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    export_task_env()  # RANK for the error paths below, also under submitit
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         if cfg.get("mixture") is not None and any(o.startswith("dataset=") for o in hc.overrides.task):
             raise ConfigError("dataset=... and mixture=... both given: a mixture names its own datasets "
                               "(mixture.components.<name>.dataset); choose one")
         result = train(cfg, run_dir, dataset_name=hc.runtime.choices.get("dataset") or "dataset")
     except HJEPAError as e:
-        if run_dir.exists():
+        if run_dir.exists() and is_main:
             _write_summary(run_dir, {"status": "failed", "error": str(e)})
         if hc.mode == RunMode.MULTIRUN:
             raise  # the launcher records this job as failed and carries on with the sweep
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BaseException as e:
-        if run_dir.exists() and not isinstance(e, SystemExit):
+        if run_dir.exists() and is_main and not isinstance(e, SystemExit):
             _write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
     return result.get("final_loss")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m hjepa.train`. torchrun starts every rank with the same command line, but
+    only rank 0 may create the run directory (a timestamped name can differ between ranks)
+    and write Hydra's files into it: ranks > 0 get none of their own and learn rank 0's
+    when the process group starts (`train`)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
     main()
+
+
+if __name__ == "__main__":
+    cli()

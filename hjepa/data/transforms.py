@@ -4,7 +4,7 @@ normalisation to float, which runs on the device on whole batches instead of in 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torchvision.transforms import v2
@@ -38,6 +38,16 @@ def train_transform(
     if color_jitter > 0:
         ops.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     return v2.Compose(ops)
+
+
+def split_crop(transform: Optional[Callable]) -> Optional[tuple[v2.RandomResizedCrop, Optional[Callable]]]:
+    """(the leading RandomResizedCrop, the rest or None) of a v2 transform that starts with
+    one, else None. Datasets use it to crop while decoding (hjepa.data.io.decode_resized_crop)."""
+    ops = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+    if not ops or not isinstance(ops[0], v2.RandomResizedCrop):
+        return None
+    rest = ops[1:]
+    return ops[0], (v2.Compose(rest) if rest else None)
 
 
 def eval_transform(size: int, crop_ratio: float = 0.875) -> Callable[[torch.Tensor], torch.Tensor]:

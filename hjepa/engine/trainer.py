@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -13,12 +14,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from hjepa.data.cache import check_cached_components
 from hjepa.data.mixture import Mixture, MixtureSampler
 from hjepa.data.transforms import normalize
 from hjepa.engine import checkpoint as ckpt
 from hjepa.engine.device import Hardware
-from hjepa.engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum
+from hjepa.engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, any_rank
 from hjepa.engine.optim import Optimization
+from hjepa.engine.preemption import preemption_signal
+from hjepa.engine.step import batch_to_device, forward_backward, optimizer_update
 from hjepa.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hjepa.logging import Logger, mask_picture
 
@@ -27,6 +31,8 @@ def _worker_init(_: int) -> None:
     # Decoding and augmentation are per-item work: one thread per worker avoids
     # oversubscribing the cores that the other workers use.
     torch.set_num_threads(1)
+    # SLURM signals every process of the job: the main process handles preemption.
+    signal.signal(preemption_signal(), signal.SIG_IGN)
 
 
 class Trainer:
@@ -56,7 +62,14 @@ class Trainer:
         self.epochs, self.grad_accum, self.clip_grad = epochs, grad_accum, clip_grad
         self.log_every, self.checkpoint_every, self.snapshot_every = log_every, checkpoint_every, snapshot_every
         self.resume = resume
-        self.stop_requested: Callable[[], bool] = lambda: False
+        self._stop = False
+
+    def request_stop(self) -> None:
+        """Ask the loop to save last.pt and return after the current step (e.g. on preemption)."""
+        self._stop = True
+
+    def stop_requested(self, step: int) -> bool:
+        return self._stop
 
     def fit(
         self,
@@ -98,9 +111,10 @@ class Trainer:
             state = ckpt.load(source)
             step = self._restore(state, source, model, optimizer, scaler, global_batch, dataset.epoch_length)
         elif dist.is_main:
-            logger.write(f"starting a new run in {run_dir}")
+            print(f"starting a new run in {run_dir}", flush=True)  # the logger starts later
         if source is not None and dist.is_main:
-            logger.write(f"resumed from {source} at step {step}/{total}")
+            print(f"resumed from {source} at step {step}/{total}", flush=True)
+        first_step = step
 
         step_model = model
         if dist.enabled:
@@ -108,6 +122,7 @@ class Trainer:
         if hardware.compile:
             step_model = torch.compile(step_model)
 
+        check_cached_components(dataset.datasets)
         sampler = MixtureSampler(dataset, seed=seed, rank=dist.rank, world_size=dist.world_size)
         loader = DataLoader(
             dataset, batch_size=batch, sampler=sampler, collate_fn=collator, drop_last=True,
@@ -129,7 +144,7 @@ class Trainer:
         def save(name: str) -> Path:
             path = ckpt_dir / name
             if dist.is_main:
-                ckpt.save_atomic(self._state(model, optimizer, scaler, step, steps_per_epoch, sampler,
+                ckpt.save_atomic(self._state(model, optimizer, scaler, step, steps_per_epoch, batch,
                                              config_yaml, global_batch, dataset.epoch_length), path)
             return path
 
@@ -141,25 +156,18 @@ class Trainer:
             for _ in range(first, steps_per_epoch):
                 for micro in range(self.grad_accum):
                     data = next(batches)
+                    # uint8 images on the device (made there for datasets with cache: memory|device)
+                    images, context, targets = batch_to_device(data, dataset.datasets, device)
                     if step == 0 and micro == 0 and grid is not None and dist.is_main:
-                        logger.image("masks", mask_picture(data["images"], data["context"], data["targets"], grid))
-                    images = normalize(data["images"].to(device, non_blocking=True))
-                    context = data["context"].to(device, non_blocking=True)
-                    targets = data["targets"].to(device, non_blocking=True)
+                        logger.image("masks", mask_picture(images, data["context"], data["targets"], grid))
                     sync = micro == self.grad_accum - 1 or not dist.enabled
-                    with (contextlib.nullcontext() if sync else step_model.no_sync()), hardware.autocast():
-                        out = step_model(images, context, targets)
-                    scaler.scale(out["loss"] / self.grad_accum).backward()
+                    with contextlib.nullcontext() if sync else step_model.no_sync():
+                        out = forward_backward(step_model, normalize(images), context, targets,
+                                               hardware.autocast(), scaler, self.grad_accum)
                     meter.add(out, data["sources"])
                 lr, wd = optimization.apply(optimizer, step, total)
-                if self.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
                 momentum = optimization.momentum_at(step, total)
-                model.update_target(momentum)
+                optimizer_update(model, optimizer, scaler, self.clip_grad, momentum)
                 step += 1
 
                 final = step == total
@@ -181,7 +189,7 @@ class Trainer:
                 if step % self.checkpoint_every == 0 and not final:
                     meter.check_finite(dist, step, last_good)
                     last_good = save("last.pt")
-                if self.stop_requested():
+                if self._should_stop(step, dist, device) and not final:
                     meter.check_finite(dist, step, last_good)
                     last_good = save("last.pt")
                     logger.write(f"stop requested: saved {last_good} at step {step}")
@@ -209,10 +217,19 @@ class Trainer:
             "checkpoint": str(ckpt_dir / "last.pt"),
             "wall_time_s": wall,
         }
+        if source is not None:
+            result["resumed_from_step"] = first_step
         if last_metrics:
             result["final_loss"] = last_metrics["loss"]
             result["img_per_s"] = last_metrics["img_per_s"]
         return result
+
+    def _should_stop(self, step: int, dist: DistInfo, device: torch.device) -> bool:
+        # A signal reaches the ranks at different moments, but all must save and return at
+        # the same step: they agree at the logging steps, which wait for the device anyway.
+        if not dist.enabled:
+            return self.stop_requested(step)
+        return step % self.log_every == 0 and any_rank(self.stop_requested(step), dist, device)
 
     def _resume_source(self, ckpt_dir: Path) -> Optional[Path]:
         last = ckpt_dir / "last.pt"
@@ -245,7 +262,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         return int(state["step"])
 
-    def _state(self, model, optimizer, scaler, step, steps_per_epoch, sampler, config_yaml,
+    def _state(self, model, optimizer, scaler, step, steps_per_epoch, sampler_batch, config_yaml,
                global_batch, epoch_length) -> dict:
         return {
             "format": ckpt.FORMAT,
@@ -254,7 +271,9 @@ class Trainer:
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
-            "sampler": sampler.state_dict(),
+            # Where the data stream stands (the resume itself recomputes it from the step).
+            "sampler": {"epoch": step // steps_per_epoch,
+                        "position": step % steps_per_epoch * self.grad_accum * sampler_batch},
             "rng": ckpt.rng_state(),
             "config": config_yaml,
             "global_batch": global_batch,
@@ -270,7 +289,7 @@ class _Meter:
         self.device, self.num_sources = device, num_sources
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.draws = torch.zeros(num_sources, dtype=torch.long, device=device)
+        self.draws = torch.zeros(num_sources, dtype=torch.long)  # counted on the CPU: sources are CPU tensors
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.checked_step = 0
 
@@ -280,7 +299,8 @@ class _Meter:
             self.sums[key] = self.sums[key] + v if key in self.sums else v
             self.bad |= ~torch.isfinite(v)
         self.count += 1
-        self.draws += torch.bincount(sources.to(self.device), minlength=self.num_sources)
+        # bincount on a CUDA tensor reads its max back to size the output: a sync per step.
+        self.draws += torch.bincount(sources.cpu(), minlength=self.num_sources)
 
     def check_finite(self, dist: DistInfo, step: int, last_good: Optional[Path]) -> None:
         bad = all_reduce_sum(self.bad.to(torch.int32), dist).item() > 0
@@ -298,7 +318,7 @@ class _Meter:
         keys = sorted(self.sums)
         means = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
         means = all_reduce_mean(means, dist).tolist()
-        draws = all_reduce_sum(self.draws, dist).tolist()
+        draws = all_reduce_sum(self.draws.to(self.device), dist).tolist()
         self.sums, self.count = {}, 0
         self.draws = torch.zeros_like(self.draws)
         return {**dict(zip(keys, means)), "draws": draws}

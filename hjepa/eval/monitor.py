@@ -1,4 +1,12 @@
-"""kNN monitoring of the target encoder on held-out labeled images, during and after training."""
+"""Online monitoring of the target encoder during and after training: kNN accuracy on
+held-out labeled images, and collapse signals of the same features.
+
+The memory bank is the labeled training split and the queries the dataset's eval split
+(or a fixed held-out part of the labeled split, see hjepa.eval.splits), both with the eval
+transform, each capped at a seeded random subset of `max_*_images` so a check stays cheap.
+The collapse signals (hjepa.eval.collapse) are computed on the query features; a warning
+is returned when std < collapse_std / sqrt(D) or the effective rank < collapse_rank.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,17 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset, Subset
 
-from hjepa.eval.features import extract_features
+from hjepa.errors import ConfigError
+from hjepa.eval.collapse import collapse_stats, collapse_warning
+from hjepa.eval.features import extract
 from hjepa.eval.knn import knn_accuracy
+from hjepa.eval.splits import labels_of
 
 
 class Monitor:
-    """Scores frozen target-encoder features with weighted kNN (cosine, k, temperature).
-
-    The memory bank is the labeled training split and the queries the dataset's eval split
-    (both with the eval transform), each capped at a seeded random subset of `max_*_images`.
-    The same protocol on a randomly initialised encoder of the same shape is the baseline.
-    """
+    """`every_epochs`: also evaluate every N epochs during training (0: only at the end when
+    `at_end`); the same kNN on a randomly initialised encoder of the same shape and seed is
+    the end-of-run baseline."""
 
     def __init__(
         self,
@@ -30,11 +38,18 @@ class Monitor:
         max_eval_images: Optional[int] = 5000,
         batch_size: int = 256,
         crop_ratio: float = 0.875,
+        collapse_std: float = 0.1,
+        collapse_rank: float = 2.0,
     ):
+        if every_epochs < 0 or k < 1 or not temperature > 0 or batch_size < 1:
+            raise ConfigError("monitor: expected every_epochs >= 0, k >= 1, temperature > 0 and batch_size >= 1")
+        if any(m is not None and m < 2 for m in (max_train_images, max_eval_images)):
+            raise ConfigError("monitor: max_train_images and max_eval_images must be >= 2 or null")
         self.every_epochs, self.at_end = every_epochs, at_end
         self.k, self.temperature = k, temperature
         self.max_train_images, self.max_eval_images = max_train_images, max_eval_images
         self.batch_size, self.crop_ratio = batch_size, crop_ratio
+        self.collapse_std, self.collapse_rank = collapse_std, collapse_rank
         self._baseline: Optional[dict[str, float]] = None
 
     @property
@@ -45,14 +60,26 @@ class Monitor:
                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         self.memory = _subset(memory, self.max_train_images)
         self.queries = _subset(queries, self.max_eval_images)
+        self.num_classes = int(max(labels_of(memory).max(), labels_of(queries).max())) + 1
         self.device, self.num_workers, self.autocast = device, num_workers, autocast
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        run = dict(device=self.device, batch_size=self.batch_size, num_workers=self.num_workers)
-        train_x, train_y = extract_features(model, self.memory, autocast=self.autocast(), **run)
-        query_x, query_y = extract_features(model, self.queries, autocast=self.autocast(), **run)
-        acc = knn_accuracy(train_x, train_y, query_x, query_y, self.k, self.temperature)
-        return {"knn/top1": acc["top1"], "knn/top5": acc["top5"]}
+        """{knn/top1, knn/top5, features/std, features/effective_rank} of `model.target_encoder`."""
+        run = dict(kind="pooled", device=self.device, batch_size=self.batch_size, num_workers=self.num_workers,
+                   autocast=self.autocast)
+        train_x, train_y = extract(model.target_encoder, self.memory, **run)
+        query_x, query_y = extract(model.target_encoder, self.queries, **run)
+        acc = knn_accuracy(train_x.to(self.device), train_y, query_x, query_y, self.num_classes, self.k,
+                           self.temperature)
+        stats = collapse_stats(query_x)
+        self.dim = query_x.shape[1]
+        return {"knn/top1": acc["top1"], "knn/top5": acc["top5"], "features/std": stats["std"],
+                "features/effective_rank": stats["rank"]}
+
+    def warning(self, metrics: dict[str, float]) -> Optional[str]:
+        """A collapse warning for metrics from `evaluate`, or None."""
+        stats = {"std": metrics["features/std"], "rank": metrics["features/effective_rank"]}
+        return collapse_warning(stats, self.dim, self.collapse_std, self.collapse_rank)
 
     def baseline(self, make_random_model: Callable[[], torch.nn.Module]) -> dict[str, float]:
         """The same protocol on a randomly initialised model (computed once)."""

@@ -1,0 +1,192 @@
+"""`python -m hjepa.evaluate run=<run dir> eval=knn|linear|attentive [dataset=<name>] [ckpt=<file>]`
+
+Scores the frozen target encoder of a training run. The model is rebuilt from the run's own
+<run dir>/config.yaml and loaded from checkpoints/last.pt (or `ckpt=`); a checkpoint of
+another shape is refused. Images go through the eval transform at the model's resolution
+(the run's image_size, whatever dataset is evaluated); features are extracted once in eval
+mode and cached in <run dir>/eval_cache/, keyed by everything that changes them. The same
+protocol then runs on a randomly initialised encoder of the same shape and seed, and
+<run dir>/eval_<protocol>.json records both and the gain; a one-line table goes to stdout.
+
+Data: the run's dataset (for a mixture, the first component with a labeled eval split),
+or `dataset=<option>` (any conf/dataset option, e.g. dataset=imagenet100 dataset.root=...).
+Eval splits: ImageNet(-100) val, CIFAR / STL-10 test, synthetic val, image_folder its
+val_root or holdout; a dataset without one is scored on a fixed 10% per class held out of
+its labeled split (hjepa.eval.splits).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, Subset
+
+from hjepa.config import _check_against, _walk_targets, build
+from hjepa.data.transforms import eval_transform
+from hjepa.engine import checkpoint as ckpt
+from hjepa.errors import CheckpointError, ConfigError, HJEPAError
+from hjepa.eval.features import cached, extract
+from hjepa.eval.splits import labeled_splits, labels_of, stratified_split
+
+
+@dataclass
+class EvaluateConfig:
+    """The top level of conf/evaluate.yaml."""
+
+    run: str
+    eval: dict
+    hardware: dict
+    ckpt: Optional[str] = None
+    crop_ratio: float = 0.875
+    batch_size: int = 256
+    data_root: str = "data"
+    dataset: Optional[dict] = None
+    # Set by the dataset=... options (their native resolution); not used: the model's is.
+    image_size: Optional[int] = None
+    patch_size: Optional[int] = None
+
+
+def load_run(run: str | Path, checkpoint: Optional[str | Path] = None) -> tuple[DictConfig, torch.nn.Module, Path, int]:
+    """(run config, HJEPA model loaded from the checkpoint, checkpoint path, step)."""
+    run_dir = Path(run).expanduser()
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        what = "does not exist" if not run_dir.exists() else "has no config.yaml"
+        raise ConfigError(f"run={run_dir} {what}: expected a run directory written by python -m hjepa.train "
+                          "(config.yaml, checkpoints/last.pt)")
+    run_cfg = OmegaConf.load(config_file)
+    path = Path(checkpoint).expanduser() if checkpoint else run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        hint = "" if checkpoint else (" (a run saves it at the end of each epoch and every trainer.checkpoint_every "
+                                      "steps); pass ckpt=<file> to use another checkpoint")
+        raise CheckpointError(f"no checkpoint: {path} does not exist{hint}")
+    state = ckpt.load(path)
+    model = random_model(run_cfg)
+    try:
+        ckpt.check_compatible(state["model"], model, str(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n  (the model is rebuilt from {config_file})") from None
+    model.load_state_dict(state["model"])
+    return run_cfg, model.eval(), path, int(state["step"])
+
+
+def random_model(run_cfg: DictConfig) -> torch.nn.Module:
+    """The run's model as initialised at its start (same config, same seed)."""
+    torch.manual_seed(run_cfg.seed)
+    return build(run_cfg.model)
+
+
+def evaluate(cfg: DictConfig, dataset_name: Optional[str] = None) -> dict[str, Any]:
+    cfg = _validate(cfg)
+    run_cfg, model, ckpt_path, step = load_run(cfg.run, cfg.ckpt)
+    run_dir = Path(cfg.run).expanduser()
+    protocol = build(cfg.eval)
+    hardware = build(cfg.hardware)
+    device = hardware.device
+
+    if cfg.get("dataset") is not None:
+        configs = {dataset_name or _class_name(cfg.dataset): cfg.dataset}
+    elif run_cfg.mixture is not None:
+        configs = {n: c.dataset for n, c in run_cfg.mixture.components.items()}
+    else:
+        configs = {_class_name(run_cfg.dataset): run_cfg.dataset}
+    transform = eval_transform(run_cfg.image_size, cfg.crop_ratio)
+    data = labeled_splits(configs, transform)
+    encoders = {"trained": model.target_encoder, "random_init": random_model(run_cfg).target_encoder}
+    del model  # only the target encoders are needed
+    limit = None
+    if protocol.kind == "tokens":
+        limit = protocol.max_images(encoders["trained"].patch_embed.num_patches, encoders["trained"].embed_dim)
+    splits = {"train": (_cap(data.train, limit), data.train_split), "eval": (_cap(data.eval, limit), data.eval_split)}
+
+    key = {"kind": protocol.kind, "dataset": OmegaConf.to_container(configs[data.name]),
+           "transform": {"size": run_cfg.image_size, "crop_ratio": cfg.crop_ratio}}
+    model_keys = {"trained": {"checkpoint": str(ckpt_path.resolve()), "step": step,
+                             "mtime_ns": ckpt_path.stat().st_mtime_ns},
+                  "random_init": {"model": OmegaConf.to_container(run_cfg.model), "seed": run_cfg.seed}}
+    scores = {}
+    for which, encoder in encoders.items():
+        encoder.to(device)
+        features = {}
+        for side, (dataset, split) in splits.items():
+            features[side] = cached(
+                run_dir / "eval_cache", {**key, **model_keys[which], "split": split, "num_images": len(dataset)},
+                lambda: extract(encoder, dataset, protocol.kind, device, cfg.batch_size, hardware.num_workers,
+                                hardware.autocast))
+        encoder.cpu()
+        scores[which] = protocol(features["train"], features["eval"], len(data.classes), device)
+
+    result = {
+        "protocol": protocol.name, "settings": protocol.settings(),
+        "run": str(run_dir), "checkpoint": str(ckpt_path), "step": step,
+        "arch": run_cfg.model.arch, "image_size": run_cfg.image_size, "crop_ratio": cfg.crop_ratio,
+        "dataset": data.name, "train_split": data.train_split, "eval_split": data.eval_split,
+        "num_train": len(splits["train"][0]), "num_eval": len(splits["eval"][0]), "num_classes": len(data.classes),
+        "trained": scores["trained"], "random_init": scores["random_init"],
+        "gain_top1": scores["trained"]["top1"] - scores["random_init"]["top1"],
+        "gain_top5": scores["trained"]["top5"] - scores["random_init"]["top5"],
+    }
+    path = run_dir / f"eval_{protocol.name}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    print(_table(result))
+    return result
+
+
+def _validate(cfg: DictConfig) -> DictConfig:
+    if OmegaConf.is_missing(cfg, "run"):
+        raise ConfigError("run=<run dir> is required: the folder python -m hjepa.train wrote")
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError, ...
+        raise ConfigError(f"config cannot be resolved: {e}") from None
+    _check_against(plain, EvaluateConfig, "")
+    _walk_targets(plain, "")
+    return OmegaConf.create(plain)
+
+
+def _class_name(config: Any) -> str:
+    name = str(config["_target_"]).rsplit(".", 1)[-1]
+    subset = config.get("subset")
+    return f"{name}[{Path(str(subset)).stem}]" if subset else name
+
+
+def _cap(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    """At most `limit` items: a seeded class-stratified subset (rounding per class can
+    overshoot by a few, which a seeded random trim removes)."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    _, keep = stratified_split(labels_of(dataset), limit / len(dataset), seed=0)
+    keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:limit]].sort().values
+    return Subset(dataset, keep.tolist())
+
+
+def _table(r: dict) -> str:
+    header = (f"{'eval':<10} {'dataset':<16} {'train -> eval split':<24} {'n train':>8} {'n eval':>7} "
+              f"{'top-1':>6} {'top-5':>6} {'random-init top-1':>17} {'gain':>6}")
+    row = (f"{r['protocol']:<10} {r['dataset']:<16} {r['train_split'] + ' -> ' + r['eval_split']:<24} "
+           f"{r['num_train']:>8} {r['num_eval']:>7} {r['trained']['top1']:>6.1f} {r['trained']['top5']:>6.1f} "
+           f"{r['random_init']['top1']:>17.1f} {r['gain_top1']:>+6.1f}")
+    return f"{header}\n{row}"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))
+    except HJEPAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The exported backbone is a stock timm model: strict load, same features as the project."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+
+from hjepa.data.synthetic import SyntheticShapes
+from hjepa.data.transforms import eval_transform, normalize
+from hjepa.errors import CheckpointError
+from hjepa.evaluate import load_run
+from hjepa.export import export
+from hjepa.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run, briefly trained so that the EMA target encoder differs from its init."""
+    overrides = ["model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
+                 "dataset.num_train=128", "dataset.num_val=32", "hardware=cpu", "hardware.batch_size=32",
+                 "hardware.num_workers=0", "trainer.epochs=1", "logger.progress=false", "monitor.at_end=false",
+                 "optim.ema_momentum=0.5", "optim.final_ema_momentum=0.5"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    path = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: on a loaded 2-core machine a thread pool costs ~10x
+    try:
+        assert train(cfg, path, "synthetic")["status"] == "completed"
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+def test_exported_backbone_loads_into_timm_strictly_and_reproduces_features(run_dir, tmp_path):
+    meta = export(run_dir, out=str(tmp_path / "backbone.pt"))
+    assert json.loads((tmp_path / "backbone.json").read_text()) == meta
+    assert meta["kwargs"]["num_classes"] == 0 and meta["source"]["step"] == 4
+    assert meta["call"] == ("timm.create_model('test_vit', pretrained=False, num_classes=0, img_size=32, patch_size=4, "
+                            "class_token=False, global_pool='avg', fc_norm=False, drop_path_rate=0.0)")
+
+    # Downstream use, without this package: exactly the documented call.
+    model = timm.create_model(meta["arch"], pretrained=False, **meta["kwargs"])
+    model.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    model.eval()
+
+    _, project, _, _ = load_run(run_dir)
+    dataset = SyntheticShapes("val", eval_transform(32), num_val=8)
+    images = normalize(torch.stack([dataset[i][0] for i in range(8)]))
+    with torch.no_grad():
+        tokens = project.features(images)
+        torch.testing.assert_close(model.forward_features(images), tokens)
+        torch.testing.assert_close(model(images), tokens.mean(1))
+        # The target encoder is exported, not the online encoder.
+        assert not torch.allclose(project.encoder.forward_features(images), tokens)
+
+
+def test_export_without_a_checkpoint_is_a_clear_error(run_dir, tmp_path):
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="no checkpoint: .*last.pt does not exist"):
+        export(tmp_path)
+    assert not (tmp_path / "backbone.pt").exists()
