@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -150,9 +151,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id)
     return run_id
 

@@ -28,7 +28,7 @@ def _options(group):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    extra = [f"dataset.root={tmp_path}"] if option == "image_folder" else []
+    extra = [f"dataset.root={tmp_path}"] if option in ("image_folder", "prepared") else []
     cfg = validate(_compose(f"{group}={option}", *extra))
     assert cfg.model.img_size == cfg.image_size
     assert (cfg.dataset is None) != (cfg.mixture is None)

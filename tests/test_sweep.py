@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ TINY_PAIR = [
     "hardware=cpu", "hardware.batch_size=16", "hardware.num_workers=0", "logger.progress=false",
     "monitor.at_end=false", "trainer.log_every=1",
 ]
+# One thread per process: the cores are shared, and oversubscribed threads make tiny
+# models many times slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_a_2x2_sweep_runs_every_job_in_its_own_dir_and_the_report_lists_them(tmp_path):
@@ -27,7 +31,7 @@ def test_a_2x2_sweep_runs_every_job_in_its_own_dir_and_the_report_lists_them(tmp
     run = subprocess.run(
         [sys.executable, "-m", "hjepa.train", "-m", *TINY_PAIR, "mixture.components.synthetic_a.weight=1,3",
          "trainer.epochs=1,2", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     for job, (weight, epochs) in enumerate([(1, 1), (1, 2), (3, 1), (3, 2)]):

@@ -5,7 +5,8 @@ also arrives from `scancel --signal=USR2` and from preemption with
 preempt_send_user_signal). submitit's own handler checkpoints and requeues at once, which
 would lose the steps since the last checkpoint. While training, `PreemptionSignal` takes
 the signal instead and only asks the Trainer to stop: the loop writes last.pt at the next
-step boundary and returns "interrupted". `pass_on()` then runs the handler it displaced:
+step boundary (under DDP at the next trainer.log_every step, where the ranks agree) and
+returns "interrupted". `pass_on()` then runs the handler it displaced:
 under hydra-submitit-launcher that resubmits the same job (same config and run directory)
 with `scontrol requeue` and exits, and the requeued job resumes from last.pt
 (trainer.resume=auto). Outside submitit the run just ends as "interrupted".
@@ -49,7 +50,7 @@ class PreemptionSignal:
             self.installed = False
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        print(f"received {signal.Signals(signum).name}: stopping after this step to save a checkpoint", flush=True)
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", flush=True)
         self.received = (signum, frame)
         self.request_stop()
 
