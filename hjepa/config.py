@@ -69,8 +69,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config cannot be resolved: {e}") from None
-    _check_against(plain, RootConfig, "")
-    _walk_targets(plain, "")
+    check_against(plain, RootConfig, "")
+    check_targets(plain, "")
     resolved = OmegaConf.create(plain)
     OmegaConf.set_struct(resolved, True)
     return resolved
@@ -90,15 +90,15 @@ def build(node: DictConfig | dict, **kwargs: Any) -> Any:
         raise
 
 
-def _walk_targets(node: Any, path: str) -> None:
+def check_targets(node: Any, path: str) -> None:
     if isinstance(node, dict):
         if "_target_" in node:
-            _check_against(node, _locate(node["_target_"], path), path)
+            check_against(node, _locate(node["_target_"], path), path)
         for key, value in node.items():
-            _walk_targets(value, f"{path}.{key}" if path else str(key))
+            check_targets(value, f"{path}.{key}" if path else str(key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            _walk_targets(value, f"{path}[{i}]")
+            check_targets(value, f"{path}[{i}]")
 
 
 def _locate(name: str, path: str) -> Any:
@@ -108,7 +108,7 @@ def _locate(name: str, path: str) -> Any:
         raise ConfigError(f"{path}._target_: cannot import '{name}' ({e})") from None
 
 
-def _check_against(node: Any, target: Any, path: str) -> None:
+def check_against(node: Any, target: Any, path: str) -> None:
     """Check a dict's keys and value types against a callable's signature or a dataclass."""
     where = path or "<top level>"
     name = getattr(target, "__qualname__", str(target))
@@ -173,7 +173,7 @@ def _matches(value: Any, tp: Any, path: str) -> bool:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             return False
-        _check_against(value, tp, path)  # raises with the precise key on mismatch
+        check_against(value, tp, path)  # raises with the precise key on mismatch
         return True
     if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
         if not isinstance(value, list):

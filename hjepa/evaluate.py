@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from hjepa.config import _check_against, _walk_targets, build
+from hjepa.config import check_against, check_targets, build
 from hjepa.data.transforms import eval_transform
 from hjepa.engine import checkpoint as ckpt
 from hjepa.errors import CheckpointError, ConfigError, HJEPAError
@@ -149,8 +149,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError, ...
         raise ConfigError(f"config cannot be resolved: {e}") from None
-    _check_against(plain, EvaluateConfig, "")
-    _walk_targets(plain, "")
+    check_against(plain, EvaluateConfig, "")
+    check_targets(plain, "")
     return OmegaConf.create(plain)
 
 

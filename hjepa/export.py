@@ -10,10 +10,10 @@ timm backbone state_dict, `<run dir>/backbone.pt` by default, and beside it
     model.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
     model.eval()
 
-For the default run (conf/model/hjepa_vit_tiny.yaml on the synthetic data) that is
+For `model=hjepa_vit_small` on ImageNet-100 (224 px, patch 16) that is
 
-    timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                      patch_size=4, class_token=False, global_pool="avg", fc_norm=False,
+    timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=224,
+                      patch_size=16, class_token=False, global_pool="avg", fc_norm=False,
                       drop_path_rate=0.0)
 
 Inputs are RGB float images normalised with the ImageNet mean and std (in `backbone.json`)

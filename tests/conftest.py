@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HJEPA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -32,3 +33,13 @@ def imagenet_samples() -> Path:
 @pytest.fixture(scope="session")
 def imagenet100_wnids_file() -> Path:
     return _shared("imagenet100_wnids.txt")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tests run tiny models: a thread pool costs more than it saves on their small ops,
+    and it oversubscribes the cores that loader workers and subprocesses also use."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

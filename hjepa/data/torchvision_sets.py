@@ -20,6 +20,7 @@ import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_and_extract_archive
 
+from hjepa.data.cache import DecodedImages, ImageCache, check_cache_mode
 from hjepa.errors import ConfigError, DataError
 
 NETWORK_TIMEOUT_S = 5.0
@@ -62,6 +63,7 @@ class _TensorImages(Dataset):
     classes: list[str]
     targets: list[int]
     transform: Optional[Callable]
+    cache_: Optional[ImageCache] = None  # decoded images augmented on the device (CIFAR's `cache`)
 
     def _image(self, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -71,12 +73,19 @@ class _TensorImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = range(len(self))[index]  # IndexError when out of range, as a Sequence
+        if self.cache_ is not None:
+            return self.cache_.item(index, self.transform), self.targets[index]
         image = self._image(index)
         return (self.transform(image) if self.transform is not None else image), self.targets[index]
 
 
 class CIFAR10(_TensorImages):
-    """CIFAR-10 (python version): 50k train / 10k test images, 32 px, 10 classes."""
+    """CIFAR-10 (python version): 50k train / 10k test images, 32 px, 10 classes.
+
+    `cache`: "memory" | "device" augment on the device in batches, as ImageFolder's cache
+    (hjepa.data.cache; "device" keeps the 150 MB of pixels on the GPU); the images are
+    already one uint8 tensor here, so nothing is decoded or copied.
+    """
 
     _tv = tvd.CIFAR10
     _name = "CIFAR-10"
@@ -88,9 +97,11 @@ class CIFAR10(_TensorImages):
         split: Literal["train", "test"],
         transform: Optional[Callable] = None,
         download: bool = True,
+        cache: Literal["none", "memory", "device"] = "none",
     ):
         if split not in ("train", "test"):
             raise ConfigError(f"split: expected 'train' or 'test' for {self._name}, got {split!r}")
+        check_cache_mode(cache)
         batches = [f for f, _md5 in (self._tv.train_list if split == "train" else self._tv.test_list)]
         meta = self._tv.meta
         base = fetch(root, self._tv, self._name, batches + [meta["filename"]], download)
@@ -104,6 +115,9 @@ class CIFAR10(_TensorImages):
         self.targets = [int(t) for t in targets]
         self.classes = list(_unpickle(base / meta["filename"], self._name)[meta["key"]])
         self.transform = transform
+        if cache != "none":
+            sizes = torch.full((len(self.images), 2), 32, dtype=torch.long)
+            self.cache_ = ImageCache(cache, DecodedImages(self.images, sizes), transform)
 
     def _image(self, index: int) -> torch.Tensor:
         # A copy: a view would drag the whole 150 MB storage along when sent between processes.

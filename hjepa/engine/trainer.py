@@ -105,11 +105,12 @@ class Trainer:
         model.to(device)
         optimizer = optimization.build(model, fused=device.type == "cuda")
         scaler = hardware.grad_scaler()
-        step = 0
+        step, earlier_wall = 0, 0.0  # wall time of earlier segments of a resumed run
         source = self._resume_source(ckpt_dir)
         if source is not None:
             state = ckpt.load(source)
             step = self._restore(state, source, model, optimizer, scaler, global_batch, dataset.epoch_length)
+            earlier_wall = float(state.get("wall_time_s", 0.0))
         elif dist.is_main:
             print(f"starting a new run in {run_dir}", flush=True)  # the logger starts later
         if source is not None and dist.is_main:
@@ -144,8 +145,10 @@ class Trainer:
         def save(name: str) -> Path:
             path = ckpt_dir / name
             if dist.is_main:
-                ckpt.save_atomic(self._state(model, optimizer, scaler, step, steps_per_epoch, batch,
-                                             config_yaml, global_batch, dataset.epoch_length), path)
+                state = self._state(model, optimizer, scaler, step, steps_per_epoch, batch, config_yaml,
+                                    global_batch, dataset.epoch_length)
+                state["wall_time_s"] = earlier_wall + time.perf_counter() - t_start
+                ckpt.save_atomic(state, path)
             return path
 
         for epoch in range(start_epoch, self.epochs):
@@ -207,7 +210,7 @@ class Trainer:
                 if extra:
                     logger.log(extra, step)
 
-        wall = time.perf_counter() - t_start
+        wall = earlier_wall + time.perf_counter() - t_start
         logger.close()
         result = {
             "status": "completed",

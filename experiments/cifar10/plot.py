@@ -1,0 +1,92 @@
+"""Training curves of one or more runs from their metrics.jsonl: loss against epochs (per level
+dotted when there are several) and the monitor's kNN top-1 on the held-out images.
+
+    python experiments/cifar10/plot.py outputs/<run>/metrics.jsonl [more ...] -o experiments/cifar10/curves.png
+    python experiments/cifar10/plot.py main=runs/a/metrics.jsonl ijepa=runs/b/metrics.jsonl -o curves.png
+
+A label=path argument names a curve (default: the run folder's name). The PNG is kept small
+(~100 dpi, a few tens of KB) so it can live in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+
+def read_metrics(path: Path) -> dict[str, list]:
+    """{"train": [(epoch, loss, {level: loss})], "knn": [(epoch, top1)], "random": Optional[float]}."""
+    train, monitor = [], []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "loss" in r and "epoch" in r:
+            levels = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("loss/")}
+            train.append((r["step"], r["epoch"], r["loss"], levels))
+        if "knn/top1" in r:
+            monitor.append((r["step"], r["knn/top1"]))
+    # Monitor records carry the step only: convert with the training records' epochs per step.
+    per_step = train[-1][1] / train[-1][0] if train else 0.0
+    summary = Path(path).with_name("summary.json")
+    s = json.loads(summary.read_text()) if summary.exists() else {}
+    knn = [(step * per_step, top1) for step, top1 in monitor]
+    if s.get("knn_top1") is not None and train and (not knn or knn[-1][0] < train[-1][1] - 1e-9):
+        knn.append((train[-1][1], s["knn_top1"]))  # the end-of-run monitor result (summary only)
+    return {"train": [(e, loss, lv) for _, e, loss, lv in train], "knn": knn, "random": s.get("random_init_knn_top1")}
+
+
+def plot_runs(runs: dict[str, Path], out: Path, title: Optional[str] = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, path) in enumerate(runs.items()):
+        m = read_metrics(path)
+        c = colors[i % len(colors)]
+        if m["train"]:
+            epochs = [e for e, _, _ in m["train"]]
+            ax_loss.plot(epochs, [loss for _, loss, _ in m["train"]], color=c, lw=1.2, label=label)
+            names = sorted(m["train"][0][2])
+            if len(names) > 1:
+                for name in names:
+                    ax_loss.plot(epochs, [lv.get(name) for _, _, lv in m["train"]], color=c, lw=0.7, ls=":")
+        if m["knn"]:
+            ax_knn.plot([e for e, _ in m["knn"]], [t for _, t in m["knn"]], "o-", color=c, ms=3, lw=1.2, label=label)
+        if m["random"] is not None:
+            ax_knn.axhline(m["random"], color=c, lw=0.8, ls="--")
+    ax_loss.set(xlabel="epoch", ylabel="loss (dotted: per level)", yscale="log", title="training loss")
+    ax_knn.set(xlabel="epoch", ylabel="kNN top-1 % (held out)", title="kNN (dashed: random init)")
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("metrics", nargs="+", help="metrics.jsonl files, optionally as label=path")
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--title", default=None)
+    a = p.parse_args(argv)
+    runs = {}
+    for item in a.metrics:
+        label, path = item.split("=", 1) if "=" in item and not Path(item).exists() else ("", item)
+        runs[label or Path(path).parent.name] = Path(path)
+    out = plot_runs(runs, a.out, a.title)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} KB)")
+
+
+if __name__ == "__main__":
+    main()
