@@ -90,6 +90,16 @@ def evaluate(cfg: DictConfig, dataset_name: Optional[str] = None) -> dict[str, A
     run_dir = Path(cfg.run).expanduser()
     protocol = build(cfg.eval)
     hardware = build(cfg.hardware)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(hardware.threads)
+    try:
+        return _evaluate(cfg, run_cfg, model, ckpt_path, step, run_dir, protocol, hardware, dataset_name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(cfg: DictConfig, run_cfg: DictConfig, model: torch.nn.Module, ckpt_path: Path, step: int,
+              run_dir: Path, protocol: Any, hardware: Any, dataset_name: Optional[str]) -> dict[str, Any]:
     device = hardware.device
 
     if cfg.get("dataset") is not None:

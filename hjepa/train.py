@@ -57,6 +57,8 @@ def train(cfg: DictConfig, run_dir: Path, dataset_name: str = "dataset") -> dict
     cfg = validate(cfg)
     export_task_env()  # before the device is chosen: Hardware takes cuda:LOCAL_RANK
     hardware = build(cfg.hardware)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(hardware.threads)
     dist = init_distributed(hardware.device.type)
     try:
         # Every rank resumes from and reports to rank 0's run directory (see `cli`).
@@ -64,6 +66,7 @@ def train(cfg: DictConfig, run_dir: Path, dataset_name: str = "dataset") -> dict
         return _train(cfg, run_dir, dataset_name, hardware, dist)
     finally:
         shutdown(dist)
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dist: DistInfo) -> dict[str, Any]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
     "dataset.num_train=256", "dataset.num_val=64", "hardware=cpu", "hardware.batch_size=16",
-    "hardware.num_workers=0", "logger.progress=false", "monitor.at_end=false",
+    "hardware.num_workers=0", "hardware.threads=1", "logger.progress=false", "monitor.at_end=false",
 ]
 
 # Runs `python -m hjepa.train` on every rank, recording per rank: digests of the online

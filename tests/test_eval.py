@@ -36,7 +36,7 @@ CPU = torch.device("cpu")
 TINY_RUN = [
     "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
     "dataset.num_train=512", "dataset.num_val=128", "hardware=cpu", "hardware.batch_size=64",
-    "hardware.num_workers=0", "trainer.epochs=2", "logger.progress=false", "monitor.every_epochs=1",
+    "hardware.num_workers=0", "hardware.threads=1", "trainer.epochs=2", "logger.progress=false", "monitor.every_epochs=1",
 ]
 
 
@@ -46,7 +46,7 @@ def compose_config(name, overrides):
 
 
 def run_evaluate(run_dir, *overrides):
-    cfg = compose_config("evaluate", [f"run={run_dir}", "hardware=cpu", "hardware.num_workers=0", *overrides])
+    cfg = compose_config("evaluate", [f"run={run_dir}", "hardware=cpu", "hardware.num_workers=0", "hardware.threads=1", *overrides])
     return evaluate(cfg)
 
 

@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
     """A real run, briefly trained so that the EMA target encoder differs from its init."""
     overrides = ["model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
                  "dataset.num_train=128", "dataset.num_val=32", "hardware=cpu", "hardware.batch_size=32",
-                 "hardware.num_workers=0", "trainer.epochs=1", "logger.progress=false", "monitor.at_end=false",
+                 "hardware.num_workers=0", "hardware.threads=1", "trainer.epochs=1", "logger.progress=false", "monitor.at_end=false",
                  "optim.ema_momentum=0.5", "optim.final_ema_momentum=0.5"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -18,7 +18,7 @@ TINY_PAIR = [
     "mixture=synthetic_pair", *[f"mixture.components.synthetic_{c}.dataset.{k}={n}"
                                 for c in "ab" for k, n in (("num_train", 32), ("num_val", 16))],
     "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-    "hardware=cpu", "hardware.batch_size=16", "hardware.num_workers=0", "logger.progress=false",
+    "hardware=cpu", "hardware.batch_size=16", "hardware.num_workers=0", "hardware.threads=1", "logger.progress=false",
     "monitor.at_end=false", "trainer.log_every=1",
 ]
 # One thread per process: the cores are shared, and oversubscribed threads make tiny

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
     "dataset.num_train=256", "dataset.num_val=64", "hardware=cpu", "hardware.batch_size=16",
-    "hardware.num_workers=0", "trainer.epochs=2", "trainer.log_every=1", "trainer.checkpoint_every=5",
+    "hardware.num_workers=0", "hardware.threads=1", "trainer.epochs=2", "trainer.log_every=1", "trainer.checkpoint_every=5",
     "logger.progress=false", "monitor.at_end=false",
 ]
 

@@ -12,10 +12,13 @@
    seed 1 for all if the time left allows. Runs go in waves of --parallel processes on the one
    GPU (at 32 px the step is bound by per-step overhead, so concurrent processes fill the gaps;
    per-run wall times of a wave are therefore not comparable with the main run's).
-   --ablation-epochs auto: the largest epoch count that fits two waves into the time left,
-   computed from the main run's measured img/s assuming NO gain from running concurrently.
+   --ablation-epochs auto: the largest epoch count that fits the first seed's wave(s) into the
+   time left, computed from the main run's measured img/s assuming NO gain from running
+   concurrently; the next seed's waves run when the measured wave time says they fit.
 3. results.jsonl (one row per run), results.md (the README table rows), curves.png (loss and
-   kNN against epochs, from metrics.jsonl) and log.txt under --out.
+   kNN against epochs, from metrics.jsonl), log.txt, and runs.tar.gz (each run's logs,
+   metrics, summary, config and eval json; no checkpoints) under --out: six files at most, as
+   the device tool returns at most eight.
 
 Every subprocess has a timeout derived from --deadline-s, so the script ends (and writes what
 it has) before the device call's limit. Runs that did not fit are recorded as skipped.
@@ -27,8 +30,10 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -48,7 +53,7 @@ ABLATION = {
 }
 # The CPU logic check: a 6-block test_vit (depth 3 is its middle), tiny batches, 1 epoch.
 TINY = ["model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-        "hardware=cpu", "hardware.batch_size=16", "hardware.num_workers=0", "dataset.holdout=2",
+        "hardware=cpu", "hardware.batch_size=16", "trainer.epochs=2", "hardware.num_workers=0", "dataset.holdout=2",
         "monitor.every_epochs=1", "monitor.max_train_images=null", "monitor.batch_size=64"]
 TINY_ABLATION = {name: [dict(level, depth=3) if level["depth"] == 6 else level for level in levels]
                  for name, levels in ABLATION.items()}
@@ -116,7 +121,6 @@ def train_cmd(py: str, run_dir: Path, seed: int, extra: list[str]) -> list[str]:
 def train_row(name: str, group: str, seed: int, run_dir: Path, rc: Optional[int], wall: float,
               levels: Optional[list[dict]], wave_size: int = 1) -> dict[str, Any]:
     s = read_json(run_dir / "summary.json")
-    cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
     status = s.get("status", "no summary") if rc is not None else "killed (time limit)"
     return {
         "name": name, "group": group, "seed": seed, "levels": levels, "status": status, "rc": rc,
@@ -125,8 +129,19 @@ def train_row(name: str, group: str, seed: int, run_dir: Path, rc: Optional[int]
         "concurrent_runs": wave_size,
         "knn_top1_monitor": s.get("knn_top1"), "random_init_knn_top1_monitor": s.get("random_init_knn_top1"),
         "feature_effective_rank": s.get("feature_effective_rank"), "final_loss": s.get("final_loss"),
-        "collapse_warning": s.get("collapse_warning"), "run_dir": str(run_dir), "config_has_arch": "arch:" in cfg_text,
+        "collapse_warning": s.get("collapse_warning"), "run_dir": str(run_dir),
+        "median_img_per_s": median_rate(run_dir / "metrics.jsonl"),
     }
+
+
+def median_rate(metrics: Path) -> Optional[float]:
+    """The median img/s of the logged intervals: the training step rate, without the
+    intervals that include an epoch-end kNN check or the first steps' warm-up."""
+    try:
+        rates = [r["img_per_s"] for r in map(json.loads, metrics.read_text().splitlines()) if "img_per_s" in r]
+    except (OSError, ValueError):
+        return None
+    return round(statistics.median(rates[1:] or rates), 1) if rates else None
 
 
 def device_name() -> str:
@@ -141,7 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-results")))
     p.add_argument("--data-root", required=True, help="folder holding cifar10/train/<class>/<jpg>")
-    p.add_argument("--runs", type=Path, default=None, help="run directories (default: /tmp/hjepa_cifar10_runs)")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="parent of this call's run directories (default: /tmp/hjepa_cifar10_runs)")
     p.add_argument("--deadline-s", type=float, default=560.0, help="everything ends within this many seconds")
     p.add_argument("--main-timeout-s", type=float, default=330.0, help="the main run's own limit")
     p.add_argument("--ablation-epochs", default="auto", help="int, or auto (see the module docstring)")
@@ -155,8 +171,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
 
     a.out.mkdir(parents=True, exist_ok=True)
-    runs = a.runs or Path("/tmp/hjepa_cifar10_runs")
-    runs.mkdir(parents=True, exist_ok=True)
+    # A fresh folder per call: trainer.resume=auto would otherwise continue an earlier call's runs.
+    runs = (a.runs or Path("/tmp/hjepa_cifar10_runs")) / time.strftime("%Y%m%d-%H%M%S")
+    runs.mkdir(parents=True, exist_ok=False)
     clock = Clock(a.deadline_s, a.out / "log.txt")
     env = {**os.environ, "HJEPA_DATA_ROOT": str(Path(a.data_root).resolve()), "PYTHONUNBUFFERED": "1"}
     py = sys.executable
@@ -180,13 +197,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not a.skip_main:
         run_dir = runs / "main_seed0"
         clock.log("main: experiment=cifar10_vit_tiny seed=0")
-        proc = start(train_cmd(py, run_dir, 0, extra), a.out / "main_train.log", env)
+        proc = start(train_cmd(py, run_dir, 0, extra), runs / "main_seed0.log", env)
         (rc, wall), = finish([(proc, time.perf_counter())], min(a.main_timeout_s, clock.left() - 30))
         row = train_row("main", "main", 0, run_dir, rc, wall, None)
         clock.log(f"main: {row['status']} in {wall:.1f}s process wall, {row['train_wall_s']} s training, "
-                  f"{row['img_per_s']} img/s, kNN {row['knn_top1_monitor']} vs random {row['random_init_knn_top1_monitor']}")
+                  f"{row['median_img_per_s']} img/s (median), kNN {row['knn_top1_monitor']} vs random {row['random_init_knn_top1_monitor']}")
         if row["status"] == "completed":
-            main_rate = row["img_per_s"]
+            main_rate = row["median_img_per_s"] or row["img_per_s"]
             main_overhead = max(wall - (row["train_wall_s"] or 0.0), 5.0)
             if main_rate and not a.tiny:
                 fit = math.floor(280.0 * main_rate / TRAIN_IMAGES)
@@ -198,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        *(["hardware=cpu"] if a.tiny else [])]
                 if protocol == "linear" and a.tiny:
                     cmd.append("eval.epochs=5")
-                ev = start(cmd, a.out / f"main_eval_{protocol}.log", env)
+                ev = start(cmd, runs / f"main_seed0_eval_{protocol}.log", env)
                 (erc, ewall), = finish([(ev, t0)], min(120.0, clock.left() - 20))
                 r = read_json(run_dir / f"eval_{protocol}.json")
                 row[f"{protocol}_top1"] = r.get("trained", {}).get("top1")
@@ -217,9 +234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             epochs = 1
         else:
             rate = main_rate or 7392.0  # the reference's measured rate when the main run gave none
-            budget = clock.left() - 15.0
-            per_wave = budget / max(len(waves), 1) - main_overhead * 1.5  # several processes start at once
-            epochs = math.floor(per_wave * rate / (a.parallel * TRAIN_IMAGES))
+            first_seed_waves = math.ceil(len(a.ablation) / a.parallel)
+            per_wave = (clock.left() - 15.0) / first_seed_waves - main_overhead * 1.5  # processes start at once
+            epochs = math.floor(per_wave * rate / (min(a.parallel, len(a.ablation)) * TRAIN_IMAGES))
             epochs = max(1, min(epochs, a.ablation_max_epochs))
     else:
         epochs = int(a.ablation_epochs)
@@ -239,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_dir = runs / f"ablation_{name}_seed{seed}"
             over = [levels_override(ablation[name]), f"trainer.epochs={epochs}", "monitor.every_epochs=0",
                     *(["hardware.num_workers=3"] if not a.tiny else [])]
-            procs.append((start(train_cmd(py, run_dir, seed, [*extra, *over]), a.out / f"ablation_{name}_seed{seed}.log",
+            procs.append((start(train_cmd(py, run_dir, seed, [*extra, *over]), runs / f"ablation_{name}_seed{seed}.log",
                                 env), time.perf_counter()))
             dirs.append(run_dir)
         done = finish(procs, clock.left() - 10)
@@ -260,8 +277,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             plot_runs(curves, a.out / "curves.png", title=f"CIFAR-10, {card}")
         except Exception as e:  # a plot must not lose the numbers
             clock.log(f"plot failed: {type(e).__name__}: {e}")
+    bundle(runs, a.out / "runs.tar.gz")
     clock.log("done")
     return 0
+
+
+def bundle(runs: Path, dest: Path) -> None:
+    """Every run's logs, metrics.jsonl, summary.json, config.yaml and eval json in one file
+    (the device tool returns at most 8 files); checkpoints stay behind."""
+    with tarfile.open(dest, "w:gz") as tar:
+        for path in sorted(runs.rglob("*")):
+            if path.is_file() and "checkpoints" not in path.parts and "eval_cache" not in path.parts:
+                tar.add(path, arcname=str(path.relative_to(runs.parent)))
 
 
 def table(rows: list[dict]) -> str:
@@ -275,7 +302,7 @@ def table(rows: list[dict]) -> str:
         levels = "config" if r.get("levels") is None else levels_override(r["levels"]).split("=", 1)[1]
         lines.append(
             f"| {r['name']} | `{levels}` | {r['seed']} | {r.get('epochs')} | {f(r.get('train_wall_s'))} | "
-            f"{f(r.get('process_wall_s'))} | {f(r.get('img_per_s'), '{:.0f}')} | {r.get('concurrent_runs', '-')} | "
+            f"{f(r.get('process_wall_s'))} | {f(r.get('median_img_per_s'), '{:.0f}')} | {r.get('concurrent_runs', '-')} | "
             f"{r.get('card')} | {f(r.get('knn_top1_monitor'))} | {f(r.get('knn_top1'))} | {f(r.get('linear_top1'))} | "
             f"{f(r.get('knn_random_init_top1', r.get('random_init_knn_top1_monitor')))} | {r['status']} |")
     return "\n".join(lines) + "\n"

@@ -105,14 +105,14 @@ class SyntheticShapes(Dataset):
     def render(self, label: int, rng: np.random.Generator) -> torch.Tensor:
         """Draw shape `label` with nuisances from `rng`: uint8 [3, image_size, image_size]."""
         x, y, size = self._x, self._y, self.image_size
-        # Ground: dark grey with a slight tint, shading into a nearby shade in a random direction.
-        c0 = np.clip(rng.uniform(0.1, 0.3) + rng.normal(0, 0.02, 3), 0, 1).astype(np.float32)
-        c1 = np.clip(c0 + rng.normal(0, 0.05, 3), 0, 1).astype(np.float32)
+        # Ground: dark grey with a slight tint, shading into another shade in a random direction.
+        c0 = rng.uniform(0.18, 0.22, 3).astype(np.float32)
+        c1 = np.clip(c0 + rng.normal(0, 0.15, 3), 0, 1).astype(np.float32)
         a = rng.uniform(0, 2 * np.pi)
         t = ((x * np.cos(a) + y * np.sin(a)) * 0.5 + 0.5)[..., None]
         image = c0 * (1 - t) + c1 * t
         # Shape: light grey with a slight tint.
-        fg = np.clip(rng.uniform(0.7, 0.9) + rng.normal(0, 0.02, 3), 0, 1).astype(np.float32)
+        fg = rng.uniform(0.78, 0.82, 3).astype(np.float32)
         # Pose: scale (shape radius, in half image widths), position inside the frame, mirror.
         s = rng.uniform(0.45, 0.8)
         cx, cy = rng.uniform(-(0.95 - s), 0.95 - s, 2)

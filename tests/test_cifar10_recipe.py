@@ -1,0 +1,180 @@
+"""The CIFAR-10 recipe (experiments/cifar10): its configs for every data source, the GPU
+script's logic at tiny sizes on the CPU, the data packing for the GPU machine, and the CPU
+version of the recipe, which must beat random-init features on held-out CIFAR-10 images."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torchvision.io import encode_jpeg
+
+from hjepa.config import build, validate
+from hjepa.data.cache import DeviceAugment, augment_deferred, is_deferred
+from hjepa.data.torchvision_sets import CIFAR10
+from hjepa.data.transforms import eval_transform, train_transform
+from hjepa.errors import ConfigError
+from hjepa.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_DIR = ROOT / "experiments" / "cifar10"
+sys.path.insert(0, str(CIFAR10_DIR))
+import pack  # noqa: E402  (experiments/cifar10/pack.py)
+import run_gpu  # noqa: E402  (experiments/cifar10/run_gpu.py)
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _fake_cifar10(root: Path, per_batch: int = 4) -> torch.Tensor:
+    """torchvision's cifar-10-batches-py layout with random pixels; returns the train images."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5 * per_batch, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = [i % 10 for i in range(len(images))]
+    rows = images.reshape(len(images), -1).numpy()
+    for i in range(5):
+        part = slice(i * per_batch, (i + 1) * per_batch)
+        (base / f"data_batch_{i + 1}").write_bytes(pickle.dumps({"data": rows[part], "labels": labels[part]}))
+    (base / "test_batch").write_bytes(pickle.dumps({"data": rows[:10], "labels": labels[:10]}))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": CLASSES}))
+    return images
+
+
+def _jpeg_tree(root: Path, per_class: int) -> Path:
+    """<root>/<class>/NNNN.jpg with random 32 px images."""
+    g = torch.Generator().manual_seed(0)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+            (root / name / f"{i:04d}.jpg").write_bytes(encode_jpeg(image).numpy().tobytes())
+    return root
+
+
+# ---- configs -------------------------------------------------------------------------------
+
+def test_gpu_recipe_composes_for_the_jpeg_folder_torchvision_and_image_folder(tmp_path):
+    jpeg = validate(_compose("experiment=cifar10_vit_tiny"))
+    assert jpeg.dataset._target_.endswith("ImageFolder") and jpeg.dataset.holdout == 500
+    assert jpeg.dataset.cache == "device" and jpeg.hardware.device == "cuda"
+    assert (jpeg.image_size, jpeg.patch_size, jpeg.hardware.batch_size) == (32, 4, 512)
+    assert jpeg.model.arch == "vit_tiny_patch16_224" and jpeg.mask.min_keep == 4
+    # The README's single commands for a user's own copy: torchvision's files or a JPEG folder.
+    tv = validate(_compose("experiment=cifar10_vit_tiny", "dataset=cifar10", f"dataset.root={tmp_path}"))
+    assert tv.dataset._target_ == "hjepa.data.torchvision_sets.CIFAR10"
+    assert tv.dataset.cache == "device" and tv.dataset.root == str(tmp_path)
+    folder = validate(_compose("experiment=cifar10_vit_tiny", f"dataset.root={tmp_path}"))
+    assert folder.dataset.root == str(tmp_path) and folder.trainer.epochs == jpeg.trainer.epochs
+
+
+def test_cpu_recipe_composes_and_is_the_same_recipe_scaled_down():
+    gpu, cpu = validate(_compose("experiment=cifar10_vit_tiny")), validate(_compose("experiment=cifar10_cpu"))
+    assert cpu.hardware.device == "cpu" and cpu.model.arch == "test_vit"
+    assert cpu.dataset._target_ == gpu.dataset._target_ and cpu.image_size == gpu.image_size == 32
+    assert cpu.monitor.crop_ratio == gpu.monitor.crop_ratio == 1.0
+
+
+@pytest.mark.parametrize("name,depths", [(n, [lv["depth"] for lv in levels]) for n, levels in run_gpu.ABLATION.items()])
+def test_every_ablation_setting_is_a_valid_levels_override(name, depths):
+    cfg = validate(_compose("experiment=cifar10_vit_tiny", run_gpu.levels_override(run_gpu.ABLATION[name])))
+    assert [lv.depth for lv in cfg.model.levels] == depths
+    if name == "ijepa":
+        assert list(cfg.model.levels) == [{"depth": "last", "stride": 1, "weight": 1.0}]
+
+
+# ---- torchvision CIFAR-10 kept decoded on the device ---------------------------------------
+
+def test_torchvision_cifar10_cache_defers_the_augmentation_to_the_device(tmp_path):
+    images = _fake_cifar10(tmp_path)
+    tf = train_transform(32, [0.3, 1.0], [0.75, 4 / 3], 0.5, 0.0)
+    ds = CIFAR10(str(tmp_path), "train", transform=tf, download=False, cache="device")
+    assert ds.cache_ is not None and ds.cache_.decoded.pixels.data_ptr() == ds.images.data_ptr()  # no copy
+    params = torch.stack([ds[i][0] for i in range(8)])
+    assert is_deferred(params) and [ds[i][1] for i in range(8)] == ds.targets[:8]
+    out = augment_deferred(params, torch.zeros(8, dtype=torch.long), [ds], torch.device("cpu"))
+    expected = DeviceAugment.from_transform(tf).apply(images[:8], params)
+    assert out.dtype == torch.uint8 and out.shape == (8, 3, 32, 32) and torch.equal(out, expected)
+    # The eval transform has no device version: items are images, as without a cache.
+    ev = CIFAR10(str(tmp_path), "test", transform=eval_transform(32, 1.0), download=False, cache="memory")
+    assert torch.equal(ev[3][0], images[3]) and ev[3][1] == 3
+    plain = CIFAR10(str(tmp_path), "train", download=False)
+    assert plain.cache_ is None and torch.equal(plain[5][0], images[5])
+    with pytest.raises(ConfigError, match="dataset.cache"):
+        CIFAR10(str(tmp_path), "train", download=False, cache="gpu")
+
+
+def test_training_from_torchvision_cifar10_with_a_device_cache(tmp_path):
+    _fake_cifar10(tmp_path / "data", per_batch=8)
+    # The README's command for torchvision's copy, at CPU sizes (cache: device holds on the CPU too).
+    cfg = _compose("experiment=cifar10_vit_tiny", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
+                   "dataset.download=false", "hardware=cpu", "hardware.batch_size=8", "hardware.num_workers=0",
+                   "trainer.epochs=1", "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2",
+                   "model.predictor_depth=1", "monitor.batch_size=16", "logger.progress=false")
+    assert cfg.dataset.cache == "device"
+    result = train(cfg, tmp_path / "run")
+    assert result["status"] == "completed" and result["steps"] == 5  # 40 images / batch 8
+    assert result["random_init_knn_top1"] is not None  # scored on the (fake) official test split
+
+
+# ---- packing the JPEGs for the GPU machine -------------------------------------------------
+
+def test_pack_unpack_is_byte_identical_and_subset_takes_the_first_files(tmp_path):
+    src = _jpeg_tree(tmp_path / "src", per_class=3)
+    (src / "cat" / ".hidden.jpg").write_bytes(b"x")  # hidden entries are skipped, as ImageFolder does
+    info = pack.pack(src, tmp_path / "p.npz")
+    assert info["files"] == 30 and info["size"] < info["bytes"] + 10_000
+    pack.unpack(tmp_path / "p.npz", tmp_path / "dst")
+    for f in src.rglob("*.jpg"):
+        if not f.name.startswith("."):
+            assert (tmp_path / "dst" / f.relative_to(src)).read_bytes() == f.read_bytes()
+    assert not (tmp_path / "dst" / "cat" / ".hidden.jpg").exists()
+    assert pack.subset(src, tmp_path / "sub", per_class=2)["files"] == 20
+    assert sorted(os.listdir(tmp_path / "sub" / "dog")) == ["0000.jpg", "0001.jpg"]
+
+
+# ---- the GPU script's logic, at tiny sizes on the CPU --------------------------------------
+
+def test_gpu_script_runs_end_to_end_at_tiny_sizes_on_the_cpu(tmp_path):
+    _jpeg_tree(tmp_path / "data" / "cifar10" / "train", per_class=6)
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    code = run_gpu.main(["--tiny", "--data-root", str(tmp_path / "data"), "--out", str(out), "--runs",
+                         str(tmp_path / "runs"), "--ablation", "ijepa", "hjepa3", "--ablation-seeds", "0",
+                         "--parallel", "2", "--deadline-s", "400"])
+    assert code == 0 and time.perf_counter() - t0 < 400
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["seed"]) for r in rows] == [("main", 0), ("ijepa", 0), ("hjepa3", 0)]
+    assert all(r["status"] == "completed" for r in rows), rows
+    main = rows[0]
+    assert main["epochs"] == 2 and main["knn_top1"] is not None and main["linear_top1"] is not None
+    assert main["knn_random_init_top1"] is not None and main["train_wall_s"] > 0
+    assert all(r["epochs"] == 1 and r["knn_top1_monitor"] is not None for r in rows[1:])
+    assert rows[1]["levels"] == run_gpu.IJEPA
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and "not measured" in table  # ablation rows have no eval=linear
+    assert (out / "curves.png").stat().st_size < 200_000
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "log.txt", "results.jsonl", "results.md",
+                                                     "runs.tar.gz"]
+
+
+def test_gpu_script_records_runs_that_do_not_fit_as_skipped(tmp_path):
+    _jpeg_tree(tmp_path / "data" / "cifar10" / "train", per_class=6)
+    out = tmp_path / "out"
+    # No time at all: the main run is killed at once and every ablation wave after the first skipped.
+    run_gpu.main(["--tiny", "--data-root", str(tmp_path / "data"), "--out", str(out), "--runs", str(tmp_path / "r"),
+                  "--ablation", "ijepa", "--ablation-seeds", "0", "1", "--parallel", "1", "--deadline-s", "1"])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["name"] == "main" and rows[0]["status"] != "completed"
+    assert rows[-1]["status"] == "skipped (time)"
