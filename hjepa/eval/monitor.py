@@ -38,8 +38,8 @@ class Monitor:
         max_eval_images: Optional[int] = 5000,
         batch_size: int = 256,
         crop_ratio: float = 0.875,
-        collapse_std: float = 0.1,
-        collapse_rank: float = 2.0,
+        collapse_std: float = 0.05,
+        collapse_rank: float = 1.5,
     ):
         if every_epochs < 0 or k < 1 or not temperature > 0 or batch_size < 1:
             raise ConfigError("monitor: expected every_epochs >= 0, k >= 1, temperature > 0 and batch_size >= 1")
