@@ -52,6 +52,10 @@ class EvaluateConfig:
     # Set by the dataset=... options (their native resolution); not used: the model's is.
     image_size: Optional[int] = None
     patch_size: Optional[int] = None
+    # The training recipe some dataset options carry (dataset=synthetic); not used: the run's is.
+    model: Optional[dict] = None
+    trainer: Optional[dict] = None
+    optim: Optional[dict] = None
 
 
 def load_run(run: str | Path, checkpoint: Optional[str | Path] = None) -> tuple[DictConfig, torch.nn.Module, Path, int]:

@@ -54,9 +54,16 @@ def test_synthetic_is_deterministic_labeled_and_fast():
 
 def test_synthetic_nuisances_vary_within_a_class():
     ds = SyntheticShapes("train")
-    same_class = torch.stack([ds[i][0] for i in range(0, 200, 10)]).float()  # all label 0
-    # Colour and position are random: per-image mean colours differ widely within the class.
-    assert same_class.mean(dim=(2, 3)).std(dim=0).min() > 20
+    same_class = torch.stack([ds[i][0] for i in range(0, 400, 10)]).float().mean(dim=1)  # all label 0, grey
+    shape = same_class > 128  # the light shape on the dark ground
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    area = shape.float().sum(dim=(1, 2))
+    centre_x = (shape * xs).sum(dim=(1, 2)) / area
+    centre_y = (shape * ys).sum(dim=(1, 2)) / area
+    # Position and scale are random within a class; the grey levels are nearly constant.
+    assert centre_x.std() > 2 and centre_y.std() > 2
+    assert area.std() > 0.2 * area.mean()
+    assert (same_class * shape).sum(dim=(1, 2)).div(area).std() < 20
 
 
 # ---- image folder (CIFAR-10 JPEGs) -------------------------------------------------------
