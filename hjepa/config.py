@@ -16,6 +16,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import hydra.utils
@@ -74,6 +75,21 @@ def validate(cfg: DictConfig) -> DictConfig:
     resolved = OmegaConf.create(plain)
     OmegaConf.set_struct(resolved, True)
     return resolved
+
+
+def dataset_configs(cfg: DictConfig, name: Optional[str] = None) -> dict[str, DictConfig]:
+    """The named dataset configs of a config: a mixture's components by their names, or the
+    single `dataset` under `name` (its config option, e.g. "imagenet100"), else under the
+    name of its class (and subset)."""
+    if cfg.get("mixture") is not None:
+        return {n: c.dataset for n, c in cfg.mixture.components.items()}
+    if cfg.get("dataset") is None:
+        raise ConfigError("no training data: set dataset=<name> or mixture=<name>")
+    if name is None:
+        name = str(cfg.dataset["_target_"]).rsplit(".", 1)[-1]
+        subset = cfg.dataset.get("subset")
+        name = f"{name}[{Path(str(subset)).stem}]" if subset else name
+    return {name: cfg.dataset}
 
 
 def build(node: DictConfig | dict, **kwargs: Any) -> Any:

@@ -29,10 +29,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from hjepa.config import check_against, check_targets, build
+from hjepa import runs
+from hjepa.atomic import atomic_write
+from hjepa.config import build, check_against, check_targets, dataset_configs
 from hjepa.data.transforms import eval_transform
-from hjepa.engine import checkpoint as ckpt
-from hjepa.errors import CheckpointError, ConfigError, HJEPAError
+from hjepa.errors import ConfigError, HJEPAError
 from hjepa.eval.features import cached, extract
 from hjepa.eval.splits import labeled_splits, labels_of, stratified_split
 
@@ -58,39 +59,9 @@ class EvaluateConfig:
     optim: Optional[dict] = None
 
 
-def load_run(run: str | Path, checkpoint: Optional[str | Path] = None) -> tuple[DictConfig, torch.nn.Module, Path, int]:
-    """(run config, HJEPA model loaded from the checkpoint, checkpoint path, step)."""
-    run_dir = Path(run).expanduser()
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        what = "does not exist" if not run_dir.exists() else "has no config.yaml"
-        raise ConfigError(f"run={run_dir} {what}: expected a run directory written by python -m hjepa.train "
-                          "(config.yaml, checkpoints/last.pt)")
-    run_cfg = OmegaConf.load(config_file)
-    path = Path(checkpoint).expanduser() if checkpoint else run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        hint = "" if checkpoint else (" (a run saves it at the end of each epoch and every trainer.checkpoint_every "
-                                      "steps); pass ckpt=<file> to use another checkpoint")
-        raise CheckpointError(f"no checkpoint: {path} does not exist{hint}")
-    state = ckpt.load(path)
-    model = random_model(run_cfg)
-    try:
-        ckpt.check_compatible(state["model"], model, str(path))
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}\n  (the model is rebuilt from {config_file})") from None
-    model.load_state_dict(state["model"])
-    return run_cfg, model.eval(), path, int(state["step"])
-
-
-def random_model(run_cfg: DictConfig) -> torch.nn.Module:
-    """The run's model as initialised at its start (same config, same seed)."""
-    torch.manual_seed(run_cfg.seed)
-    return build(run_cfg.model)
-
-
 def evaluate(cfg: DictConfig, dataset_name: Optional[str] = None) -> dict[str, Any]:
     cfg = _validate(cfg)
-    run_cfg, model, ckpt_path, step = load_run(cfg.run, cfg.ckpt)
+    run_cfg, model, ckpt_path, step = runs.load_run(cfg.run, cfg.ckpt)
     run_dir = Path(cfg.run).expanduser()
     protocol = build(cfg.eval)
     hardware = build(cfg.hardware)
@@ -107,14 +78,12 @@ def _evaluate(cfg: DictConfig, run_cfg: DictConfig, model: torch.nn.Module, ckpt
     device = hardware.device
 
     if cfg.get("dataset") is not None:
-        configs = {dataset_name or _class_name(cfg.dataset): cfg.dataset}
-    elif run_cfg.mixture is not None:
-        configs = {n: c.dataset for n, c in run_cfg.mixture.components.items()}
+        configs = dataset_configs(cfg, dataset_name)
     else:
-        configs = {_class_name(run_cfg.dataset): run_cfg.dataset}
+        configs = dataset_configs(run_cfg)
     transform = eval_transform(run_cfg.image_size, cfg.crop_ratio)
     data = labeled_splits(configs, transform)
-    encoders = {"trained": model.target_encoder, "random_init": random_model(run_cfg).target_encoder}
+    encoders = {"trained": model.target_encoder, "random_init": runs.random_model(run_cfg).target_encoder}
     del model  # only the target encoders are needed
     limit = None
     if protocol.kind == "tokens":
@@ -132,7 +101,7 @@ def _evaluate(cfg: DictConfig, run_cfg: DictConfig, model: torch.nn.Module, ckpt
         features = {}
         for side, (dataset, split) in splits.items():
             features[side] = cached(
-                run_dir / "eval_cache", {**key, **model_keys[which], "split": split, "num_images": len(dataset)},
+                run_dir / runs.EVAL_CACHE, {**key, **model_keys[which], "split": split, "num_images": len(dataset)},
                 lambda: extract(encoder, dataset, protocol.kind, device, cfg.batch_size, hardware.num_workers,
                                 hardware.autocast))
         encoder.cpu()
@@ -148,10 +117,7 @@ def _evaluate(cfg: DictConfig, run_cfg: DictConfig, model: torch.nn.Module, ckpt
         "gain_top1": scores["trained"]["top1"] - scores["random_init"]["top1"],
         "gain_top5": scores["trained"]["top5"] - scores["random_init"]["top5"],
     }
-    path = run_dir / f"eval_{protocol.name}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    atomic_write(runs.eval_result(run_dir, protocol.name), json.dumps(result, indent=2))
     print(_table(result))
     return result
 
@@ -166,12 +132,6 @@ def _validate(cfg: DictConfig) -> DictConfig:
     check_against(plain, EvaluateConfig, "")
     check_targets(plain, "")
     return OmegaConf.create(plain)
-
-
-def _class_name(config: Any) -> str:
-    name = str(config["_target_"]).rsplit(".", 1)[-1]
-    subset = config.get("subset")
-    return f"{name}[{Path(str(subset)).stem}]" if subset else name
 
 
 def _cap(dataset: Dataset, limit: Optional[int]) -> Dataset:

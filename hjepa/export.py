@@ -31,11 +31,12 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from hjepa.atomic import atomic_write
 from hjepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from hjepa.engine.checkpoint import save_atomic
+from hjepa.engine import checkpoint
 from hjepa.errors import ConfigError, HJEPAError
-from hjepa.evaluate import load_run
 from hjepa.models.vit import timm_kwargs
+from hjepa.runs import load_run
 
 
 def export(run: str | Path, ckpt: Optional[str] = None, out: Optional[str] = None) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def export(run: str | Path, ckpt: Optional[str] = None, out: Optional[str] = Non
     kwargs = timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate)
     out_path = Path(out).expanduser() if out else Path(run).expanduser() / "backbone.pt"
     state = {k: v.detach().clone().contiguous() for k, v in model.target_encoder.state_dict().items()}
-    save_atomic(state, out_path)
+    checkpoint.save(state, out_path)
     call = ", ".join([repr(m.arch), "pretrained=False", *(f"{k}={v!r}" for k, v in kwargs.items())])
     meta = {
         "arch": m.arch,
@@ -55,10 +56,7 @@ def export(run: str | Path, ckpt: Optional[str] = None, out: Optional[str] = Non
         "std": list(IMAGENET_STD),
         "source": {"run": str(run), "checkpoint": str(ckpt_path), "step": step, "weights": "target_encoder"},
     }
-    meta_path = out_path.with_suffix(".json")
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    atomic_write(out_path.with_suffix(".json"), json.dumps(meta, indent=2))
     print(f"backbone: {out_path}\nload it:  model = {meta['call']}\n"
           f"          model.load_state_dict(torch.load({str(out_path)!r}, weights_only=True), strict=True)")
     return meta

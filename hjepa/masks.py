@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from hjepa.data.batch import Batch, Item
 from hjepa.errors import ConfigError
 
 MAX_TRIES = 100  # resampling rounds for contexts below min_keep before giving up
@@ -126,20 +128,43 @@ class MultiBlockMaskCollator:
         keep = keys.topk(k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
         return keep, targets
 
-    def __call__(self, items: list[tuple]) -> dict[str, Tensor]:
-        """items: (image uint8 [3, H, W], label[, source[, key]]). The masks are seeded by
-        the first item's key when there is one, so they follow the data stream whatever the
-        number of loader workers; otherwise by the global torch RNG."""
+    def __call__(self, items: list[Item]) -> Batch:
+        """Stack the items and add their masks. The masks are seeded by the first item's key
+        when there is one, so they follow the data stream whatever the number of loader
+        workers; otherwise by the global torch RNG."""
         generator = torch.Generator()
-        if len(items[0]) > 3:
-            generator.manual_seed(int(items[0][3]))
-        else:
-            generator.manual_seed(int(torch.randint(2**62, ())))
+        key = items[0].key
+        generator.manual_seed(int(key) if key is not None else int(torch.randint(2**62, ())))
         context, targets = self.sample(len(items), generator)
-        return {
-            "images": torch.stack([item[0] for item in items]),
-            "labels": torch.tensor([int(item[1]) for item in items], dtype=torch.long),
-            "sources": torch.tensor([int(item[2]) if len(item) > 2 else 0 for item in items], dtype=torch.long),
-            "context": context,
-            "targets": targets,
-        }
+        return Batch.collate(items, context, targets)
+
+
+TARGET_COLOURS = np.array([[230, 60, 60], [60, 160, 230], [250, 200, 40], [150, 80, 220], [60, 200, 120]])
+
+
+def mask_picture(images: Tensor, context: Tensor, targets: Tensor,
+                 grid: tuple[int, int], max_images: int = 8, min_side: int = 128) -> np.ndarray:
+    """A row of images with the context patches shown as is, target blocks tinted by block
+    and everything else (neither context nor target) dimmed."""
+    n = min(max_images, images.shape[0])
+    gh, gw = grid
+    tiles = []
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        h, w = img.shape[:2]
+        ph, pw = h // gh, w // gw
+        shade = np.full(gh * gw, 0.25, dtype=np.float32)
+        shade[context[i].cpu().numpy()] = 1.0
+        tint = np.zeros((gh * gw, 3), dtype=np.float32)
+        for t, block in enumerate(targets[i].cpu().numpy()):
+            tint[block] = TARGET_COLOURS[t % len(TARGET_COLOURS)]
+            shade[block] = np.where(shade[block] == 1.0, 1.0, 0.55)
+        per_pixel = np.repeat(np.repeat(shade.reshape(gh, gw), ph, 0), pw, 1)[..., None]
+        tint_px = np.repeat(np.repeat(tint.reshape(gh, gw, 3), ph, 0), pw, 1)
+        has_tint = tint_px.sum(-1, keepdims=True) > 0
+        out = img[: gh * ph, : gw * pw] * per_pixel
+        out = np.where(has_tint, 0.55 * out + 0.45 * tint_px, out)
+        scale = max(1, -(-min_side // out.shape[0]))
+        out = np.repeat(np.repeat(out, scale, 0), scale, 1)
+        tiles.append(np.pad(out, ((2, 2), (2, 2), (0, 0)), constant_values=255))
+    return np.concatenate(tiles, axis=1).clip(0, 255).astype(np.uint8)

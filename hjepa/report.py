@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from hjepa import runs
+from hjepa.runs import Summary
+
 METRICS = [  # (key, column title, format)
     ("steps", "steps", "{:d}"),
     ("final_loss", "final loss", "{:.4f}"),
@@ -49,7 +52,7 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and
-            any((p / f).exists() for f in (".hydra/overrides.yaml", "summary.json", "metrics.jsonl"))]
+            any((p / f).exists() for f in (".hydra/overrides.yaml", runs.SUMMARY, runs.METRICS))]
     return sorted(dirs, key=lambda p: _job_order(p.name))
 
 
@@ -69,18 +72,21 @@ def read_job(job_dir: Path, overrides: Optional[list[str]] = None) -> dict[str, 
         return {**row, "status": "not started", **{k: None for k, _, _ in METRICS}}
     if (job_dir / ".hydra/overrides.yaml").is_file():
         row["overrides"] = list(OmegaConf.load(job_dir / ".hydra/overrides.yaml"))
-    summary = json.loads((job_dir / "summary.json").read_text()) if (job_dir / "summary.json").is_file() else {}
-    status = summary.get("status", "running")
-    row["status"] = "unfinished" if status == "running" else status
-    row["error"] = summary.get("error", "")
-    last = _last_metrics(job_dir / "metrics.jsonl")
+    summary = runs.read_summary(job_dir) or Summary(status="running")
+    row["status"] = "unfinished" if summary.status == "running" else summary.status
+    row["error"] = summary.error or ""
+    last = _last_metrics(job_dir / runs.METRICS)
     # Unfinished, interrupted and failed jobs show how far they got (their last logged values).
-    row["steps"] = summary.get("steps", last.get("step"))
-    row["final_loss"] = summary.get("final_loss", last.get("loss"))
-    row["knn_top1"] = summary.get("knn_top1", last.get("knn/top1"))
-    row["img_per_s"] = summary.get("img_per_s", last.get("img_per_s"))
-    row["wall_time_s"] = summary.get("wall_time_s")
+    row["steps"] = _first(summary.steps, last.get("step"))
+    row["final_loss"] = _first(summary.final_loss, last.get("loss"))
+    row["knn_top1"] = _first(summary.knn_top1, last.get("knn/top1"))
+    row["img_per_s"] = _first(summary.img_per_s, last.get("img_per_s"))
+    row["wall_time_s"] = summary.wall_time_s
     return row
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def _last_metrics(path: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ This is the composition root: it validates the config, builds every object with
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,41 +18,34 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hjepa.config import build, validate
+from hjepa import runs
+from hjepa.atomic import atomic_write
+from hjepa.config import build, dataset_configs, validate
 from hjepa.data.mixture import Mixture, normalize_weights
 from hjepa.data.transforms import eval_transform
 from hjepa.engine.distributed import DistInfo, barrier, broadcast, export_task_env, init_distributed, shutdown
 from hjepa.engine.preemption import PreemptionSignal
+from hjepa.engine.trainer import RunContext
 from hjepa.errors import ConfigError, HJEPAError
 from hjepa.eval.splits import labeled_splits
+from hjepa.runs import Summary
 
 
-def build_train_data(cfg: DictConfig, transform: Any, name: str = "dataset") -> Mixture:
+def build_train_data(cfg: DictConfig, configs: dict[str, DictConfig], transform: Any) -> Mixture:
     """The training stream: the mixture, or the single dataset as a one-component mixture."""
     if cfg.mixture is None:
-        if cfg.dataset is None:
-            raise ConfigError("no training data: set dataset=<name> or mixture=<name>")
-        return Mixture({name: build(cfg.dataset, transform=transform)}, strategy="concat", seed=cfg.seed)
-    components = cfg.mixture.components
+        (name, config), = configs.items()
+        return Mixture({name: build(config, transform=transform)}, strategy="concat", seed=cfg.seed)
     # Weights are checked before any dataset is opened: a typo fails in milliseconds.
-    weights = normalize_weights({n: float(c.weight) for n, c in components.items()})
-    datasets = {n: build(c.dataset, transform=transform) for n, c in components.items()}
+    weights = normalize_weights({n: float(c.weight) for n, c in cfg.mixture.components.items()})
+    datasets = {n: build(c, transform=transform) for n, c in configs.items()}
     return Mixture(datasets, weights, strategy=cfg.mixture.strategy, epoch_length=cfg.mixture.epoch_length,
                    seed=cfg.seed)
 
 
-def monitor_data(cfg: DictConfig, train_data: Mixture, eval_tf: Any) -> Optional[tuple[Any, Any]]:
-    """(labeled memory split, eval split) of the first dataset that has both, else the
-    labeled split of the first dataset and a fixed held-out part of it (hjepa.eval.splits)."""
-    if cfg.mixture is None:
-        configs = {train_data.names[0]: cfg.dataset}
-    else:
-        configs = {n: cfg.mixture.components[n].dataset for n in train_data.names}
-    splits = labeled_splits(configs, eval_tf)
-    return splits.train, splits.eval
-
-
-def train(cfg: DictConfig, run_dir: Path, dataset_name: str = "dataset") -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, dataset_name: Optional[str] = None) -> Summary:
+    """Train on the composed `cfg` into `run_dir`; `dataset_name` names a single dataset
+    (its config option) in metrics and the summary."""
     cfg = validate(cfg)
     export_task_env()  # before the device is chosen: Hardware takes cuda:LOCAL_RANK
     hardware = build(cfg.hardware)
@@ -69,7 +61,7 @@ def train(cfg: DictConfig, run_dir: Path, dataset_name: str = "dataset") -> dict
         torch.set_num_threads(threads)
 
 
-def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dist: DistInfo) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, dataset_name: Optional[str], hardware: Any, dist: DistInfo) -> Summary:
     torch.manual_seed(cfg.seed)
     model = build(cfg.model)
     trainer = build(cfg.trainer)
@@ -77,14 +69,15 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dis
     logger = build(cfg.logger)
     monitor = build(cfg.monitor)
     collator = build(cfg.mask, grid_size=list(model.grid_size))
-    data = build_train_data(cfg, build(cfg.transform), dataset_name)
+    configs = dataset_configs(cfg, dataset_name)
+    data = build_train_data(cfg, configs, build(cfg.transform))
+    run = RunContext(run_dir, config=OmegaConf.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg),
+                     seed=cfg.seed, dist=dist)
 
-    config = OmegaConf.to_container(cfg)
-    config_yaml = OmegaConf.to_yaml(cfg)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        _write_summary(run_dir, {"status": "running", "started": time.time()})
+        atomic_write(run_dir / runs.CONFIG, run.config_yaml)
+        runs.write_summary(run_dir, Summary(status="running", started=time.time()))
         params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
         print(f"hjepa: {cfg.model.arch} ({params:.1f}M params, {cfg.image_size}px, patch {cfg.patch_size}, "
               f"{len(cfg.model.levels)} level(s)) on {hardware.describe()}, {dist.world_size} process(es)")
@@ -92,60 +85,41 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: str, hardware: Any, dis
             print(f"  data {name}: {s['size']} images, weight {s['weight']:.3f}, "
                   f"{s['expected_draws']:.0f} draws/epoch")
 
-    eval_pair = monitor_data(cfg, data, eval_transform(cfg.image_size, monitor.crop_ratio)) if monitor.enabled else None
-    if eval_pair is not None:
-        monitor.attach(*eval_pair, device=hardware.device, num_workers=hardware.num_workers,
+    if monitor.enabled:
+        splits = labeled_splits(configs, eval_transform(cfg.image_size, monitor.crop_ratio))
+        monitor.attach(splits.train, splits.eval, device=hardware.device, num_workers=hardware.num_workers,
                        autocast=hardware.autocast)
 
-    def random_model() -> torch.nn.Module:
-        torch.manual_seed(cfg.seed)  # the very initialisation this run started from
-        return build(cfg.model)
-
-    def on_epoch_end(epoch: int, step: int) -> dict[str, float]:
-        if eval_pair is None or not monitor.every_epochs or epoch % monitor.every_epochs:
-            return {}
-        metrics = monitor.evaluate(model) if dist.is_main else {}
-        warning = monitor.warning(metrics) if dist.is_main else None
-        if warning:
-            logger.write(f"epoch {epoch}: {warning}")
-        barrier(dist)
-        return metrics
-
     with PreemptionSignal(trainer.request_stop) as preemption:
-        result = trainer.fit(model=model, optimization=optimization, hardware=hardware, dataset=data,
-                             collator=collator, run_dir=run_dir, logger=logger, config=config,
-                             config_yaml=config_yaml, seed=cfg.seed, dist=dist, on_epoch_end=on_epoch_end)
-    result["mixture"] = data.stats()
-    if dist.is_main and result["status"] == "completed":
-        if eval_pair is not None and monitor.at_end:
-            trained = monitor.evaluate(model)
-            baseline = monitor.baseline(random_model)
-            result["knn_top1"], result["knn_top5"] = trained["knn/top1"], trained["knn/top5"]
-            result["random_init_knn_top1"] = baseline["knn/top1"]
-            result["feature_std"] = trained["features/std"]
-            result["feature_effective_rank"] = trained["features/effective_rank"]
-            print(f"kNN top-1 on {len(monitor.queries)} held-out images (k={monitor.k}): "
-                  f"trained {trained['knn/top1']:.1f}%  vs  random init {baseline['knn/top1']:.1f}%")
-            warning = monitor.warning(trained)
-            if warning:
-                result["collapse_warning"] = warning
-                print(warning)
-        _write_summary(run_dir, result)
-        print(f"checkpoint: {result['checkpoint']}\nmetrics:    {run_dir / 'metrics.jsonl'}\n"
-              f"config:     {run_dir / 'config.yaml'}\nsummary:    {run_dir / 'summary.json'}")
-    elif dist.is_main:
-        _write_summary(run_dir, result)
+        summary = trainer.fit(model, optimization, hardware, data, collator, logger, run,
+                              callbacks=(monitor,) if monitor.every_epochs else ())
+    summary.mixture = data.stats()
+    if dist.is_main:
+        if summary.status == "completed" and monitor.at_end:
+            _score_against_random_init(summary, monitor, model, cfg)
+        runs.write_summary(run_dir, summary)
+        if summary.status == "completed":
+            print(f"checkpoint: {summary.checkpoint}\nmetrics:    {run_dir / runs.METRICS}\n"
+                  f"config:     {run_dir / runs.CONFIG}\nsummary:    {run_dir / runs.SUMMARY}")
     barrier(dist)
-    if result["status"] == "interrupted":
+    if summary.status == "interrupted":
         preemption.pass_on()  # under submitit: resubmit this job, requeue it and exit
-    return result
+    return summary
 
 
-def _write_summary(run_dir: Path, data: dict[str, Any]) -> None:
-    path = run_dir / "summary.json"
-    tmp = path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+def _score_against_random_init(summary: Summary, monitor: Any, model: torch.nn.Module, cfg: DictConfig) -> None:
+    """kNN of the trained target encoder and of the run's own random initialisation."""
+    trained = monitor.evaluate(model)
+    baseline = monitor.baseline(lambda: runs.random_model(cfg))
+    summary.knn_top1, summary.knn_top5 = trained["knn/top1"], trained["knn/top5"]
+    summary.random_init_knn_top1 = baseline["knn/top1"]
+    summary.feature_std = trained["features/std"]
+    summary.feature_effective_rank = trained["features/effective_rank"]
+    print(f"kNN top-1 on {len(monitor.queries)} held-out images (k={monitor.k}): "
+          f"trained {trained['knn/top1']:.1f}%  vs  random init {baseline['knn/top1']:.1f}%")
+    summary.collapse_warning = monitor.warning(trained)
+    if summary.collapse_warning:
+        print(summary.collapse_warning)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -158,19 +132,19 @@ def main(cfg: DictConfig) -> Optional[float]:
         if cfg.get("mixture") is not None and any(o.startswith("dataset=") for o in hc.overrides.task):
             raise ConfigError("dataset=... and mixture=... both given: a mixture names its own datasets "
                               "(mixture.components.<name>.dataset); choose one")
-        result = train(cfg, run_dir, dataset_name=hc.runtime.choices.get("dataset") or "dataset")
+        summary = train(cfg, run_dir, dataset_name=hc.runtime.choices.get("dataset"))
     except HJEPAError as e:
         if run_dir.exists() and is_main:
-            _write_summary(run_dir, {"status": "failed", "error": str(e)})
+            runs.write_summary(run_dir, Summary(status="failed", error=str(e)))
         if hc.mode == RunMode.MULTIRUN:
             raise  # the launcher records this job as failed and carries on with the sweep
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BaseException as e:
         if run_dir.exists() and is_main and not isinstance(e, SystemExit):
-            _write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+            runs.write_summary(run_dir, Summary(status="failed", error=f"{type(e).__name__}: {e}"))
         raise
-    return result.get("final_loss")
+    return summary.final_loss
 
 
 def cli() -> None:

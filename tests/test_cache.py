@@ -1,6 +1,5 @@
 """cache: memory|device: decoded images kept in one tensor, train augmentation on the device."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -8,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hjepa.data.cache import DEFERRED_WIDTH, DeviceAugment, augment_deferred, check_cached_components, is_deferred
+from hjepa.data.batch import AugmentParams, Batch
+from hjepa.data.cache import PARAMS_WIDTH, DeviceAugment, augment_batch
 from hjepa.data.folder import ImageFolder
 from hjepa.data.mixture import Mixture
 from hjepa.data.transforms import train_transform
-from hjepa.engine.step import batch_to_device
 from hjepa.errors import ConfigError
 
 
@@ -40,7 +39,7 @@ def test_sampled_parameters_are_those_of_the_cpu_transform():
         torch.manual_seed(seed)
         tf(image)
         assert torch.equal(torch.rand(1), after)  # the same draws, so the same RNG stream afterwards
-        assert p.dtype == torch.float64 and p.shape == (DEFERRED_WIDTH,) and p[0] == 7
+        assert p.dtype == torch.float64 and p.shape == (PARAMS_WIDTH,) and p[0] == 7
         assert p[1:5].tolist() == [box["top"], box["left"], box["height"], box["width"]]
         assert 0.6 <= p[6] <= 1.4 and sorted(p[9:13].tolist()) == [0, 1, 2, 3]
 
@@ -99,18 +98,18 @@ def test_cached_image_folder_defers_and_batches_on_the_device(tmp_path):
     tf = train_transform(16, [0.3, 1.0], [0.75, 1.333], 0.5, 0.1)
     ds = ImageFolder(str(root), "train", transform=tf, cache="device")
     plain = ImageFolder(str(root), "train")
-    assert torch.equal(ds.cache_.decoded.image(3), plain[3][0])
+    assert torch.equal(ds.cache.decoded.image(3), plain[3][0])
     mixture = Mixture({"a": ds}, strategy="concat", seed=0)
     items = [mixture[(1000 + i, i)] for i in range(8)]
-    assert all(is_deferred(it[0].unsqueeze(0)) for it in items)
+    assert all(isinstance(it.image, AugmentParams) and it.key == 1000 + i for i, it in enumerate(items))
     again = [mixture[(1000 + i, i)] for i in range(8)]
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(items, again))  # a pure function of the key
-    batch = {"images": torch.stack([it[0] for it in items]), "sources": torch.zeros(8, dtype=torch.long),
-             "context": torch.zeros(8, 3, dtype=torch.long), "targets": torch.zeros(8, 4, 2, dtype=torch.long)}
-    images, _, _ = batch_to_device(batch, mixture.datasets, torch.device("cpu"))
-    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8
-    images2, _, _ = batch_to_device(batch, mixture.datasets, torch.device("cpu"))
-    assert torch.equal(images, images2)
+    assert all(torch.equal(x.image.values, y.image.values) for x, y in zip(items, again))  # a pure function of the key
+    batch = Batch.collate(items, torch.zeros(8, 3, dtype=torch.long), torch.zeros(8, 4, 2, dtype=torch.long))
+    assert batch.images is None and batch.params.shape == (8, PARAMS_WIDTH)
+    on_device = mixture.to_device(batch, torch.device("cpu"))
+    assert on_device.params is None and on_device.images.shape == (8, 3, 16, 16)
+    assert on_device.images.dtype == torch.uint8
+    assert torch.equal(on_device.images, mixture.to_device(batch, torch.device("cpu")).images)
     # the eval transform (no crop) reads the cache on the CPU, as without a cache
     from hjepa.data.transforms import eval_transform
     ev = ImageFolder(str(root), "train", transform=eval_transform(16), cache="memory")
@@ -122,21 +121,21 @@ def test_mixing_cached_and_uncached_components_is_refused(tmp_path):
     tf = train_transform(16, [0.3, 1.0], [0.75, 1.333], 0.0, 0.0)
     cached = ImageFolder(str(root), "train", transform=tf, cache="memory")
     plain = ImageFolder(str(root), "train", transform=tf)
-    with pytest.raises(ConfigError, match="same dataset cache"):
-        check_cached_components([cached, plain])
-    check_cached_components([cached, cached])
-    params = torch.stack([cached[i][0] for i in range(4)])
-    two = augment_deferred(params, torch.tensor([0, 1, 0, 1]), [cached, cached], torch.device("cpu"))
+    with pytest.raises(ConfigError, match="component.s. a augment on the device .* b in the loader workers"):
+        Mixture({"a": cached, "b": plain})
+    both = Mixture({"a": cached, "b": cached})
+    params = torch.stack([cached[i][0].values for i in range(4)])
+    two = augment_batch(params, torch.tensor([0, 1, 0, 1]), both.caches, torch.device("cpu"))
     assert two.shape == (4, 3, 16, 16)
+    assert torch.equal(two[[0, 2]], augment_batch(params[[0, 2]], torch.zeros(2, dtype=torch.long), both.caches,
+                                                  torch.device("cpu")))
     with pytest.raises(ConfigError, match="dataset.cache"):
         ImageFolder(str(root), "train", cache="gpu")
 
 
-def test_training_with_a_device_cache_resumes_bit_identically(tmp_path, monkeypatch):
+def test_training_with_a_device_cache_resumes_bit_identically(tmp_path, monkeypatch, tiny, losses):
     """python -m hjepa.train's path with dataset=image_folder dataset.cache=device (the CPU
     here): completes, and a stopped + resumed run ends exactly where the uninterrupted one does."""
-    from test_train import TINY, losses, tiny_cfg
-
     from hjepa.engine import checkpoint as ckpt
     from hjepa.engine.trainer import Trainer
     from hjepa.train import train
@@ -144,14 +143,13 @@ def test_training_with_a_device_cache_resumes_bit_identically(tmp_path, monkeypa
     root = _folder(tmp_path / "imgs", n=64, size=(32, 32))
     overrides = ["dataset=image_folder", f"dataset.root={root}", "dataset.cache=device", "image_size=32",
                  "patch_size=4", "transform=jepa", "trainer.epochs=2", "hardware.batch_size=16"]
-    monkeypatch.setattr("test_train.TINY", [o for o in TINY if not o.startswith("dataset.")])
-    full = train(tiny_cfg(*overrides), tmp_path / "full")
-    assert full["status"] == "completed" and full["steps"] == 8
+    full = train(tiny(*overrides), tmp_path / "full")
+    assert full.status == "completed" and full.steps == 8
     with monkeypatch.context() as m:
         m.setattr(Trainer, "stop_requested", lambda self, step: step == 3)
-        part = train(tiny_cfg(*overrides), tmp_path / "split")
-    assert part["status"] == "interrupted"
-    train(tiny_cfg(*overrides), tmp_path / "split")
+        part = train(tiny(*overrides), tmp_path / "split")
+    assert part.status == "interrupted"
+    train(tiny(*overrides), tmp_path / "split")
     a = ckpt.load(tmp_path / "full/checkpoints/last.pt")["model"]
     b = ckpt.load(tmp_path / "split/checkpoints/last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

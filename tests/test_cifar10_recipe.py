@@ -6,7 +6,6 @@ import json
 import math
 import os
 import pickle
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,8 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torchvision.io import encode_jpeg
 
-from hjepa.config import build, validate
-from hjepa.data.cache import DeviceAugment, augment_deferred, is_deferred
+from hjepa.config import validate
+from hjepa.data.batch import AugmentParams
+from hjepa.data.cache import DeviceAugment, augment_batch
 from hjepa.data.torchvision_sets import CIFAR10
 from hjepa.data.transforms import eval_transform, train_transform
 from hjepa.errors import ConfigError
@@ -101,17 +101,18 @@ def test_torchvision_cifar10_cache_defers_the_augmentation_to_the_device(tmp_pat
     images = _fake_cifar10(tmp_path)
     tf = train_transform(32, [0.3, 1.0], [0.75, 4 / 3], 0.5, 0.0)
     ds = CIFAR10(str(tmp_path), "train", transform=tf, download=False, cache="device")
-    assert ds.cache_ is not None and ds.cache_.decoded.pixels.data_ptr() == ds.images.data_ptr()  # no copy
-    params = torch.stack([ds[i][0] for i in range(8)])
-    assert is_deferred(params) and [ds[i][1] for i in range(8)] == ds.targets[:8]
-    out = augment_deferred(params, torch.zeros(8, dtype=torch.long), [ds], torch.device("cpu"))
+    assert ds.cache is not None and ds.cache.decoded.pixels.data_ptr() == ds.images.data_ptr()  # no copy
+    assert all(isinstance(ds[i][0], AugmentParams) for i in range(8))
+    params = torch.stack([ds[i][0].values for i in range(8)])
+    assert [ds[i][1] for i in range(8)] == ds.targets[:8]
+    out = augment_batch(params, torch.zeros(8, dtype=torch.long), [ds.cache], torch.device("cpu"))
     expected = DeviceAugment.from_transform(tf).apply(images[:8], params)
     assert out.dtype == torch.uint8 and out.shape == (8, 3, 32, 32) and torch.equal(out, expected)
     # The eval transform has no device version: items are images, as without a cache.
     ev = CIFAR10(str(tmp_path), "test", transform=eval_transform(32, 1.0), download=False, cache="memory")
     assert torch.equal(ev[3][0], images[3]) and ev[3][1] == 3
     plain = CIFAR10(str(tmp_path), "train", download=False)
-    assert plain.cache_ is None and torch.equal(plain[5][0], images[5])
+    assert plain.cache is None and torch.equal(plain[5][0], images[5])
     with pytest.raises(ConfigError, match="dataset.cache"):
         CIFAR10(str(tmp_path), "train", download=False, cache="gpu")
 
@@ -125,8 +126,8 @@ def test_training_from_torchvision_cifar10_with_a_device_cache(tmp_path):
                    "model.predictor_depth=1", "monitor.batch_size=16", "logger.progress=false")
     assert cfg.dataset.cache == "device"
     result = train(cfg, tmp_path / "run")
-    assert result["status"] == "completed" and result["steps"] == 5  # 40 images / batch 8
-    assert result["random_init_knn_top1"] is not None  # scored on the (fake) official test split
+    assert result.status == "completed" and result.steps == 5  # 40 images / batch 8
+    assert result.random_init_knn_top1 is not None  # scored on the (fake) official test split
 
 
 # ---- packing the JPEGs for the GPU machine -------------------------------------------------
@@ -187,8 +188,8 @@ def test_cpu_recipe_trains_on_real_cifar10_and_scores_the_holdout_against_random
     # The README's two commands: 600 JPEGs per class, 200 of them held out, 5 epochs.
     assert pack.subset(cifar10_train, tmp_path / "c10", per_class=600)["files"] == 6000
     result = train(_compose("experiment=cifar10_cpu", f"dataset.root={tmp_path / 'c10'}"), tmp_path / "run")
-    assert result["status"] == "completed" and result["steps"] == 5 * (4000 // 64)
-    [stats] = result["mixture"].values()
+    assert result.status == "completed" and result.steps == 5 * (4000 // 64)
+    [stats] = result.mixture.values()
     assert stats["size"] == 4000  # the 2,000 held-out images are never pretrained on
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -196,5 +197,5 @@ def test_cpu_recipe_trains_on_real_cifar10_and_scores_the_holdout_against_random
     assert len([r for r in records if "knn/top1" in r]) == 5  # the curve: one kNN check per epoch
     # At this budget kNN stays near random-init (README): what must hold is a real score on the
     # 2,000 held-out images for both encoders, and no collapse.
-    assert 15.0 < result["random_init_knn_top1"] < 40.0 and 15.0 < result["knn_top1"] < 60.0
-    assert result["feature_effective_rank"] > 4.0 and "collapse_warning" not in result
+    assert 15.0 < result.random_init_knn_top1 < 40.0 and 15.0 < result.knn_top1 < 60.0
+    assert result.feature_effective_rank > 4.0 and result.collapse_warning is None

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from hjepa.config import build, validate
@@ -17,36 +16,36 @@ GROUPS = ["dataset", "mixture", "transform", "mask", "model", "optim", "trainer"
           "experiment"]
 
 
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def _options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_option_composes_and_validates(group, option, tmp_path):
+def test_every_option_composes_and_validates(group, option, tmp_path, compose_config):
     extra = [f"dataset.root={tmp_path}"] if option in ("image_folder", "prepared") else []
-    cfg = validate(_compose(f"{group}={option}", *extra))
-    assert cfg.model.img_size == cfg.image_size
+    cfg = validate(compose_config(f"{group}={option}", *extra))
     assert (cfg.dataset is None) != (cfg.mixture is None)
+    # the cheap parts build, and the masks fit the model's patch grid
+    assert cfg.image_size % cfg.patch_size == 0
+    grid = cfg.image_size // cfg.patch_size
+    build(cfg.mask, grid_size=[grid, grid]).sample(2, torch.Generator().manual_seed(0))
+    for node in (cfg.transform, cfg.optim, cfg.trainer, cfg.monitor, cfg.logger):
+        build(node)
 
 
-def test_unknown_key_in_a_group_is_an_error():
+def test_unknown_key_in_a_group_is_an_error(compose_config):
     with pytest.raises(ConfigError, match=r"model\.dropout_rate: unknown key for HJEPA"):
-        validate(_compose("+model.dropout_rate=0.1"))
+        validate(compose_config("+model.dropout_rate=0.1"))
 
 
-def test_unknown_top_level_key_is_an_error():
+def test_unknown_top_level_key_is_an_error(compose_config):
     with pytest.raises(ConfigError, match="learning_rate: unknown key"):
-        validate(_compose("+learning_rate=0.1"))
+        validate(compose_config("+learning_rate=0.1"))
 
 
-def test_misspelled_override_is_rejected_by_hydra():
+def test_misspelled_override_is_rejected_by_hydra(compose_config):
     with pytest.raises(ConfigCompositionException, match="epoch"):
-        _compose("trainer.epoch=3")
+        compose_config("trainer.epoch=3")
 
 
 @pytest.mark.parametrize("override,message", [
@@ -55,35 +54,35 @@ def test_misspelled_override_is_rejected_by_hydra():
     ("optim.lr=fast", r"optim\.lr: expected float"),
     ("mixture=foundation_mini", None),
 ])
-def test_wrong_types_are_errors(override, message):
+def test_wrong_types_are_errors(override, message, compose_config):
     if message is None:
         with pytest.raises(ConfigError, match=r"mixture\.strategy: expected one of"):
-            validate(_compose(override, "mixture.strategy=random"))
+            validate(compose_config(override, "mixture.strategy=random"))
     else:
         with pytest.raises(ConfigError, match=message):
-            validate(_compose(override))
+            validate(compose_config(override))
 
 
-def test_mixture_component_without_dataset_is_an_error():
+def test_mixture_component_without_dataset_is_an_error(compose_config):
     with pytest.raises(ConfigError, match=r"mixture\.components\.extra\.dataset: missing"):
-        validate(_compose("mixture=foundation_mini", "+mixture.components.extra.weight=0.5"))
+        validate(compose_config("mixture=foundation_mini", "+mixture.components.extra.weight=0.5"))
 
 
-def test_mixture_sets_the_resolution_and_clears_dataset():
-    cfg = validate(_compose("mixture=foundation_mini", "mixture.components.imagenet100.weight=0.5"))
+def test_mixture_sets_the_resolution_and_clears_dataset(compose_config):
+    cfg = validate(compose_config("mixture=foundation_mini", "mixture.components.imagenet100.weight=0.5"))
     assert cfg.dataset is None and cfg.image_size == 224
     assert cfg.mixture.components.imagenet100.weight == 0.5
 
 
-def test_missing_device_is_a_clear_error():
+def test_missing_device_is_a_clear_error(compose_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        build(validate(_compose("hardware=gpu")).hardware)
+        build(validate(compose_config("hardware=gpu")).hardware)
 
 
-def test_auto_hardware_picks_a_present_device():
-    hw = build(validate(_compose("hardware=auto")).hardware)
+def test_auto_hardware_picks_a_present_device(compose_config):
+    hw = build(validate(compose_config("hardware=auto")).hardware)
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     assert hw.device.type == expected
 

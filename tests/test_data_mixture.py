@@ -116,14 +116,14 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_items():
 
 def test_items_report_their_component_and_keys_seed_the_augmentation():
     mix = Mixture(_datasets(_augment()))
-    image, label, component = mix[1000 + 7]
-    assert component == 1 and label == 7 % 10 and image.shape == (3, 24, 24)
+    item = mix[1000 + 7]
+    assert (item.source, item.label, item.key) == (1, 7 % 10, None) and item.image.shape == (3, 24, 24)
     state = torch.get_rng_state()
     first = mix[(12345, 1007)]
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
-    assert first[1:] == (7, 1, 12345)
-    assert torch.equal(mix[(12345, 1007)][0], first[0])
-    assert not torch.equal(mix[(54321, 1007)][0], first[0])
+    assert (first.label, first.source, first.key) == (7, 1, 12345)
+    assert torch.equal(mix[(12345, 1007)].image, first.image)
+    assert not torch.equal(mix[(54321, 1007)].image, first.image)
 
 
 def test_batches_do_not_depend_on_the_number_of_workers():
@@ -149,9 +149,9 @@ def test_cifar10_jpegs_through_a_mixture(cifar10_train):
     shapes = SyntheticShapes("train", train_transform(32, [0.8, 1.0], [0.75, 1.333], 0.5, 0.1), num_train=2000)
     mix = Mixture({"cifar10": cifar, "shapes": shapes}, {"cifar10": 0.75, "shapes": 0.25}, epoch_length=256)
     sampler = MixtureSampler(mix, seed=0)
-    images, labels, components, keys = next(iter(DataLoader(mix, batch_size=256, sampler=sampler)))
-    assert images.dtype == torch.uint8 and images.shape == (256, 3, 32, 32)
-    assert 150 < (components == 0).sum() < 230 and labels.min() >= 0 and labels.max() <= 9
+    batch = next(iter(DataLoader(mix, batch_size=256, sampler=sampler)))
+    assert batch.image.dtype == torch.uint8 and batch.image.shape == (256, 3, 32, 32)
+    assert 150 < (batch.source == 0).sum() < 230 and batch.label.min() >= 0 and batch.label.max() <= 9
     assert mix.num_skipped == 0 and mix.stats()["cifar10"]["size"] == 45000
     single = Mixture({"cifar10": cifar}, strategy="concat")  # a plain dataset trains the same way
     assert len(MixtureSampler(single, seed=0)) == 45000

@@ -5,40 +5,44 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torchvision.transforms import v2
 
 from hjepa.config import build
-from hjepa.data.io import decode_image
+from hjepa.data.decode import decode_image
 from hjepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize, train_transform
 from hjepa.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def _transform(option, image_size):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"transform={option}", f"image_size={image_size}"])
-    return cfg.transform, build(cfg.transform)
+@pytest.fixture
+def config_transform(compose_config):
+    """config_transform(option, image_size): (the transform's config node, the transform)."""
+
+    def make(option, image_size):
+        cfg = compose_config(f"transform={option}", f"image_size={image_size}")
+        return cfg.transform, build(cfg.transform)
+
+    return make
 
 
 @pytest.mark.parametrize("option", ["jepa", "ijepa", "eval"])
-def test_configs_upsample_small_images_and_keep_uint8(option, cifar10_train):
+def test_configs_upsample_small_images_and_keep_uint8(option, cifar10_train, config_transform):
     cifar = decode_image(next((cifar10_train / "cat").iterdir()))  # a real 32 px image, at 224
-    _, tf = _transform(option, 224)
+    _, tf = config_transform(option, 224)
     out = tf(cifar)
     assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
 
 
-def test_config_values_are_those_of_the_brief_and_the_reference():
-    node, jepa = _transform("jepa", 224)
+def test_config_values_are_those_of_the_brief_and_the_reference(config_transform):
+    node, jepa = config_transform("jepa", 224)
     crop, flip, jitter = jepa.transforms
     assert crop.scale == (0.8, 1.0) and flip.p == 0.5 and jitter.brightness == (0.9, 1.1)
     assert crop.size == (224, 224) and node.size == 224
-    _, ijepa = _transform("ijepa", 96)
+    _, ijepa = config_transform("ijepa", 96)
     assert [type(t) for t in ijepa.transforms] == [v2.RandomResizedCrop]  # crop only, as I-JEPA's code
     assert ijepa.transforms[0].scale == (0.3, 1.0)
-    _, ev = _transform("eval", 224)
+    _, ev = config_transform("eval", 224)
     resize, centre = ev.transforms
     assert resize.size == [256] and centre.size == (224, 224)
 

@@ -6,28 +6,30 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from hjepa.data.verify import verify
-from test_data_datasets import make_imagenet_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _verify(capsys, *overrides, full=False):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    ok = verify(cfg, full=full)
-    return ok, capsys.readouterr().out
+@pytest.fixture
+def run_verify(capsys, compose_config):
+    """run_verify(*overrides, full=False): (usable?, the printed report)."""
+
+    def run(*overrides, full=False):
+        ok = verify(compose_config(*overrides), full=full)
+        return ok, capsys.readouterr().out
+
+    return run
 
 
 @pytest.fixture
-def imagenet_root(imagenet_samples, tmp_path):
-    return make_imagenet_tree(imagenet_samples, tmp_path / "imagenet")
+def imagenet_root(imagenet_tree, tmp_path):
+    return imagenet_tree(tmp_path / "imagenet")
 
 
-def test_imagenet100_report(imagenet_root, capsys):
-    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}")
+def test_imagenet100_report(imagenet_root, run_verify):
+    ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}")
     assert ok, out
     lines = out.splitlines()
     assert "GiB free" in lines[0] and str(imagenet_root) in lines[0]
@@ -37,7 +39,7 @@ def test_imagenet100_report(imagenet_root, capsys):
     assert lines[-1] == "usable"
 
 
-def test_missing_classes_and_unreadable_files_are_reported(imagenet_root, capsys):
+def test_missing_classes_and_unreadable_files_are_reported(imagenet_root, run_verify):
     val = imagenet_root / "val"
     for wnid in ("n01558993", "n01692333", "n01729322"):  # three ImageNet-100 classes gone from val
         for f in os.listdir(val / wnid):
@@ -48,7 +50,7 @@ def test_missing_classes_and_unreadable_files_are_reported(imagenet_root, capsys
     (train / "notes.JPEG").write_text("not an image")
     jpeg = next(train.glob("n*.JPEG")).read_bytes()
     (train / "truncated.JPEG").write_bytes(jpeg[: len(jpeg) // 2])  # valid header: only +full finds it
-    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}")
+    ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}")
     assert not ok
     assert "train  100/100  0        103" in out and "2" == out.splitlines()[2].split()[-1]
     assert f"unreadable {train / 'empty.JPEG'}: empty file (0 bytes)" in out
@@ -56,28 +58,28 @@ def test_missing_classes_and_unreadable_files_are_reported(imagenet_root, capsys
     assert "val: 3 of the 100 ImageNet-100 classes have no folder in" in out and "n01558993" in out
     assert out.splitlines()[-1].startswith("NOT usable")
 
-    ok, out = _verify(capsys, "dataset=imagenet", f"dataset.root={imagenet_root}", "dataset.subset=null",
+    ok, out = run_verify("dataset=imagenet", f"dataset.root={imagenet_root}", "dataset.subset=null",
                       "dataset.split=train", full=True)
     assert "truncated.JPEG: not a decodable image (Image is incomplete or truncated)" in out
 
 
-def test_unreadable_files_are_usable_when_skipped_not_when_raised(imagenet_root, capsys):
+def test_unreadable_files_are_usable_when_skipped_not_when_raised(imagenet_root, run_verify):
     (imagenet_root / "train" / "n01558993" / "empty.JPEG").write_bytes(b"")
-    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}")
+    ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}")
     assert ok and "empty.JPEG: empty file" in out
-    ok, out = _verify(capsys, "dataset=imagenet100", f"dataset.root={imagenet_root}", "dataset.on_error=raise")
+    ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}", "dataset.on_error=raise")
     assert not ok and "training stops at the first of them" in out
 
 
-def test_generated_and_folder_datasets(cifar10_train, capsys):
-    ok, out = _verify(capsys, "dataset=synthetic")
+def test_generated_and_folder_datasets(cifar10_train, run_verify):
+    ok, out = run_verify("dataset=synthetic")
     assert ok and "train  10/10    0        8192    819-820" in out
-    ok, out = _verify(capsys, "dataset=image_folder", f"dataset.root={cifar10_train}", "dataset.holdout=500")
+    ok, out = run_verify("dataset=image_folder", f"dataset.root={cifar10_train}", "dataset.holdout=500")
     assert ok and "val    10/10    0        5000    500-500    0          0" in out
 
 
-def test_absent_mixture_components_say_how_to_get_them(imagenet_root, tmp_path, capsys):
-    ok, out = _verify(capsys, "mixture=foundation_mini", f"data_root={tmp_path}",
+def test_absent_mixture_components_say_how_to_get_them(imagenet_root, tmp_path, run_verify):
+    ok, out = run_verify("mixture=foundation_mini", f"data_root={tmp_path}",
                       f"mixture.components.imagenet100.dataset.root={imagenet_root}",
                       "mixture.components.stl10.dataset.download=false",
                       "mixture.components.cifar100.dataset.download=false")

@@ -11,12 +11,6 @@ from pathlib import Path
 from hjepa.engine import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-    "dataset.num_train=256", "dataset.num_val=64", "hardware=cpu", "hardware.batch_size=16",
-    "hardware.num_workers=0", "hardware.threads=1", "logger.progress=false", "monitor.at_end=false",
-]
-
 # Runs `python -m hjepa.train` on every rank, recording per rank: digests of the online
 # parameters (encoder, predictor, heads) and of the target encoder after every optimizer
 # step (update_target runs right after optimizer.step), each step's local loss, and every
@@ -75,8 +69,7 @@ def test_torchrun_two_processes_stay_identical_and_split_the_data(tmp_path):
     # second directory would show that a rank > 0 made its own.
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(tmp_path / "driver.py"), *TINY, "trainer.epochs=2", "trainer.log_every=1",
-         "trainer.checkpoint_every=3", f"hydra.run.dir={tmp_path}/runs/" + "${now:%H-%M-%S-%f}"],
+         str(tmp_path / "driver.py"), "experiment=tiny", "trainer.checkpoint_every=3", f"hydra.run.dir={tmp_path}/runs/" + "${now:%H-%M-%S-%f}"],
         cwd=ROOT, env={**os.environ, "TRACE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

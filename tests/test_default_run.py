@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from hjepa.evaluate import evaluate
 
@@ -40,10 +39,8 @@ def test_default_run_trains_and_beats_random_init(default_run):
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear"])
-def test_evaluate_on_the_default_run_gains_over_random_init(default_run, protocol):
+def test_evaluate_on_the_default_run_gains_over_random_init(default_run, protocol, compose_config):
     run_dir, _ = default_run
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run={run_dir}", f"eval={protocol}", "hardware=cpu"])
-    result = evaluate(cfg)
+    result = evaluate(compose_config(f"run={run_dir}", f"eval={protocol}", "hardware=cpu", name="evaluate"))
     assert result["eval_split"] == "val" and result["num_eval"] == 2048
     assert result["gain_top1"] > 0, result

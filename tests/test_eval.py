@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from hjepa.config import build
@@ -33,34 +32,25 @@ from hjepa.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-TINY_RUN = [
-    "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-    "dataset.num_train=512", "dataset.num_val=128", "hardware=cpu", "hardware.batch_size=64",
-    "hardware.num_workers=0", "hardware.threads=1", "trainer.epochs=2", "logger.progress=false", "monitor.every_epochs=1",
-]
-
-
-def compose_config(name, overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=overrides)
-
-
-def run_evaluate(run_dir, *overrides):
-    cfg = compose_config("evaluate", [f"run={run_dir}", "hardware=cpu", "hardware.num_workers=0", "hardware.threads=1", *overrides])
-    return evaluate(cfg)
+@pytest.fixture(scope="session")
+def run_evaluate(compose_config):
+    """run_evaluate(run_dir, *overrides): python -m hjepa.evaluate on one CPU thread."""
+    return lambda run_dir, *overrides: evaluate(compose_config(
+        f"run={run_dir}", "hardware=cpu", "hardware.num_workers=0", "hardware.threads=1", *overrides, name="evaluate"))
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny):
     """A tiny real run: 2 epochs of test_vit on 512 synthetic images, monitored every epoch.
     Its collapse_rank is one no 64-wide feature can reach, so the warning path runs too;
     what the run printed is kept in <run dir>/stdout.txt."""
     path = tmp_path_factory.mktemp("run")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = train(compose_config("config", [*TINY_RUN, "monitor.collapse_rank=65"]), path, "synthetic")
+        result = train(tiny("dataset.num_train=512", "dataset.num_val=128", "hardware.batch_size=64",
+                            "monitor.every_epochs=1", "monitor.at_end=true", "monitor.collapse_rank=65"), path, "synthetic")
     (path / "stdout.txt").write_text(out.getvalue())
-    assert result["status"] == "completed"
+    assert result.status == "completed"
     return path
 
 
@@ -208,11 +198,11 @@ def test_monitor_warns_when_the_encoder_collapses():
 # --- the evaluate app on a real run -----------------------------------------------------
 
 @pytest.mark.parametrize("protocol", ["knn", "linear", "attentive"])
-def test_evaluate_config_composes_and_is_checked(protocol):
-    cfg = _validate(compose_config("evaluate", ["run=somewhere", f"eval={protocol}", "dataset=imagenet100"]))
+def test_evaluate_config_composes_and_is_checked(protocol, run_evaluate, compose_config):
+    cfg = _validate(compose_config("run=somewhere", f"eval={protocol}", "dataset=imagenet100", name="evaluate"))
     assert build(cfg.eval).name == protocol and cfg.dataset.subset == "imagenet100"
     with pytest.raises(ConfigError, match=r"eval\.momentum: unknown key"):
-        _validate(compose_config("evaluate", ["run=somewhere", f"eval={protocol}", "+eval.momentum=0.9"]))
+        _validate(compose_config("run=somewhere", f"eval={protocol}", "+eval.momentum=0.9", name="evaluate"))
     with pytest.raises(ConfigError, match="run=<run dir> is required"):
         run_evaluate("???")
 
@@ -231,7 +221,7 @@ def test_training_logs_knn_and_collapse_signals_every_epoch_and_warns(run_dir):
     assert summary["collapse_warning"].startswith("WARNING")
 
 
-def test_evaluate_knn_writes_json_with_random_init_baseline_and_caches(run_dir, capsys):
+def test_evaluate_knn_writes_json_with_random_init_baseline_and_caches(run_dir, capsys, run_evaluate):
     result = run_evaluate(run_dir, "eval=knn")
     saved = json.loads((run_dir / "eval_knn.json").read_text())
     assert saved == result
@@ -251,7 +241,7 @@ def test_evaluate_knn_writes_json_with_random_init_baseline_and_caches(run_dir, 
     assert len(list(cache.iterdir())) == 8  # another transform: new features, old ones untouched
 
 
-def test_evaluate_linear_end_to_end(run_dir):
+def test_evaluate_linear_end_to_end(run_dir, run_evaluate):
     result = run_evaluate(run_dir, "eval=linear", "eval.epochs=20")
     saved = json.loads((run_dir / "eval_linear.json").read_text())
     assert saved["protocol"] == "linear" and saved["trained"]["lr"] in saved["settings"]["lrs"]
@@ -259,7 +249,7 @@ def test_evaluate_linear_end_to_end(run_dir):
     assert (saved["num_train"], saved["num_eval"]) == (512, 128)
 
 
-def test_evaluate_attentive_caps_its_token_cache(run_dir):
+def test_evaluate_attentive_caps_its_token_cache(run_dir, run_evaluate):
     # test_vit: 64 tokens x 64 dims x 2 bytes = 8 kB per image; 2 MB hold 256 of the 512.
     result = run_evaluate(run_dir, "eval=attentive", "eval.epochs=2", "eval.lrs=[1e-3]",
                           "eval.max_cache_gb=0.001953125")
@@ -267,14 +257,14 @@ def test_evaluate_attentive_caps_its_token_cache(run_dir):
     assert (run_dir / "eval_attentive.json").is_file()
 
 
-def test_evaluate_on_another_dataset_uses_the_models_resolution(run_dir):
+def test_evaluate_on_another_dataset_uses_the_models_resolution(run_dir, run_evaluate):
     # Rendered at 48 px, fed at the run's 32 px (timm refuses any other input size).
     result = run_evaluate(run_dir, "eval=knn", "dataset=synthetic", "dataset.image_size=48",
                           "dataset.num_train=100", "dataset.num_val=50", "dataset.seed=1")
     assert (result["image_size"], result["num_train"], result["num_eval"]) == (32, 100, 50)
 
 
-def test_evaluate_without_a_checkpoint_is_a_clear_error(run_dir, tmp_path):
+def test_evaluate_without_a_checkpoint_is_a_clear_error(run_dir, tmp_path, run_evaluate):
     shutil.copy(run_dir / "config.yaml", tmp_path / "config.yaml")
     with pytest.raises(CheckpointError, match="no checkpoint: .*checkpoints/last.pt does not exist"):
         run_evaluate(tmp_path)
@@ -282,7 +272,7 @@ def test_evaluate_without_a_checkpoint_is_a_clear_error(run_dir, tmp_path):
         run_evaluate(run_dir / "checkpoints")
 
 
-def test_evaluate_refuses_a_checkpoint_of_another_shape(run_dir, tmp_path):
+def test_evaluate_refuses_a_checkpoint_of_another_shape(run_dir, tmp_path, run_evaluate):
     config = (run_dir / "config.yaml").read_text()
     assert "  patch_size: 4\n" in config
     (tmp_path / "config.yaml").write_text(config.replace("  patch_size: 4\n", "  patch_size: 8\n"))

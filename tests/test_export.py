@@ -6,29 +6,24 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 
 from hjepa.data.synthetic import SyntheticShapes
 from hjepa.data.transforms import eval_transform, normalize
 from hjepa.errors import CheckpointError
-from hjepa.evaluate import load_run
 from hjepa.export import export
+from hjepa.runs import load_run
 from hjepa.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny):
     """A real run, briefly trained so that the EMA target encoder differs from its init."""
-    overrides = ["model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-                 "dataset.num_train=128", "dataset.num_val=32", "hardware=cpu", "hardware.batch_size=32",
-                 "hardware.num_workers=0", "hardware.threads=1", "trainer.epochs=1", "logger.progress=false", "monitor.at_end=false",
-                 "optim.ema_momentum=0.5", "optim.final_ema_momentum=0.5"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = tiny("dataset.num_train=128", "hardware.batch_size=32", "trainer.epochs=1", "optim.ema_momentum=0.5",
+               "optim.final_ema_momentum=0.5")
     path = tmp_path_factory.mktemp("run")
-    assert train(cfg, path, "synthetic")["status"] == "completed"
+    assert train(cfg, path, "synthetic").status == "completed"
     return path
 
 

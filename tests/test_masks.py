@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hjepa.data.batch import Item
 from hjepa.errors import ConfigError
 from hjepa.masks import MultiBlockMaskCollator
 
@@ -113,20 +114,24 @@ def test_blocks_reach_every_row_and_column():
 def test_collate_items_with_and_without_keys():
     c = collator((8, 8))
     image = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    keyed = [(image, i % 10, i % 2, 1000 + i) for i in range(6)]
+    keyed = [Item(image, i % 10, i % 2, 1000 + i) for i in range(6)]
     batch = c(keyed)
-    assert batch["images"].shape == (6, 3, 32, 32) and batch["images"].dtype == torch.uint8
-    assert batch["labels"].tolist() == [0, 1, 2, 3, 4, 5] and batch["sources"].tolist() == [0, 1, 0, 1, 0, 1]
-    assert batch["labels"].dtype == batch["sources"].dtype == torch.long
+    assert batch.images.shape == (6, 3, 32, 32) and batch.images.dtype == torch.uint8 and batch.params is None
+    assert batch.labels.tolist() == [0, 1, 2, 3, 4, 5] and batch.sources.tolist() == [0, 1, 0, 1, 0, 1]
+    assert batch.labels.dtype == batch.sources.dtype == torch.long
     # the masks are a function of the first item's key, not of global RNG state or worker
     torch.manual_seed(123)
     again = c(keyed)
-    assert torch.equal(batch["context"], again["context"]) and torch.equal(batch["targets"], again["targets"])
+    assert torch.equal(batch.context, again.context) and torch.equal(batch.targets, again.targets)
     expected = c.sample(6, torch.Generator().manual_seed(1000))
-    assert torch.equal(batch["context"], expected[0]) and torch.equal(batch["targets"], expected[1])
+    assert torch.equal(batch.context, expected[0]) and torch.equal(batch.targets, expected[1])
 
-    plain = c([(image, 3)] * 4)
-    assert plain["sources"].tolist() == [0, 0, 0, 0] and plain["targets"].shape[:2] == (4, 4)
+    plain = c([Item(image, 3, 0)] * 4)
+    assert plain.sources.tolist() == [0, 0, 0, 0] and plain.targets.shape[:2] == (4, 4)
+    torch.manual_seed(5)
+    first = c([Item(image, 3, 0)] * 4)
+    torch.manual_seed(5)
+    assert torch.equal(c([Item(image, 3, 0)] * 4).context, first.context)  # without keys: the global RNG
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """The H-JEPA model on a real (tiny) timm ViT: context isolation, targets, levels, loss, EMA, export."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -269,19 +271,91 @@ def test_invalid_model_arguments_raise_config_error(kwargs):
 
 
 @pytest.mark.parametrize("name", ["hjepa_vit_tiny", "hjepa_vit_small", "hjepa_vit_base", "ijepa_vit_small"])
-def test_model_configs_compose_and_build(name):
+def test_model_configs_compose_and_build(name, compose_config):
     """conf/model/*.yaml through Hydra's compose and instantiate (DictConfig arguments)."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
     from hjepa.config import build
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(str(conf), version_base=None):
-        cfg = compose(config_name=f"model/{name}", overrides=["+image_size=32", "+patch_size=4"])
+    cfg = compose_config(f"model={name}", "image_size=32", "patch_size=4")
     model = build(cfg.model)
     assert isinstance(model, HJEPA) and model.grid_size == (8, 8)
     assert len(model.predictor.heads) == len(cfg.model.levels)
     if name == "ijepa_vit_small":
         assert [(lv.depth, lv.stride, lv.weight) for lv in model.levels] == [("last", 1, 1.0)]
+
+
+# ---- the batched path against a straightforward implementation ----------------------------
+
+SLOW_LEVELS = [{"depth": "last", "stride": 1, "weight": 1.0}, {"depth": 2, "stride": 2, "weight": 0.5},
+               {"depth": "last", "stride": 4, "weight": 0.25}]
+
+
+def _reference_loss(model: HJEPA, images, context, targets):
+    """H-JEPA written out the slow way: explicit softmax attention, one image and one target
+    block at a time, cells pooled with Python dictionaries."""
+    enc, tgt_enc, pred = model.encoder, model.target_encoder, model.predictor
+    B, T, M = targets.shape
+    grid_w = model.grid_size[1]
+    total = 0.0
+    per_level = []
+    for k, level in enumerate(model.levels):
+        level_losses = []
+        for b in range(B):
+            x = enc.patch_embed(images[b:b + 1])
+            x = x.reshape(1, -1, x.shape[-1]) + enc.pos_embed.reshape(1, -1, x.shape[-1])
+            full = x
+            x = enc.norm(enc.blocks(x[:, context[b]]))
+            with torch.no_grad():
+                h = full
+                outs = []
+                for blk in tgt_enc.blocks:
+                    h = blk(h)
+                    outs.append(h)
+                feat = tgt_enc.norm(outs[-1]) if level.depth == "last" else outs[level.depth - 1]
+                feat = F.layer_norm(feat, feat.shape[-1:])[0]
+            for t in range(T):
+                idx = targets[b, t]
+                z = pred.embed(x) + pred.pos_embed[context[b]]
+                q = pred.mask_token + pred.pos_embed[idx]
+                z = pred.norm(pred.blocks(torch.cat([z, q], dim=1)))[0, context.shape[1]:]
+                p = pred.heads[k](z)
+                y = feat[idx]
+                if level.stride == 1:
+                    level_losses.append(F.smooth_l1_loss(p, y, reduction="none").mean(-1))  # [M] per patch
+                    continue
+                cells = {}
+                for j, patch in enumerate(idx.tolist()):
+                    cell = (patch // grid_w // level.stride, patch % grid_w // level.stride)
+                    cells.setdefault(cell, []).append(j)
+                per_cell = [F.smooth_l1_loss(p[js].mean(0), y[js].mean(0)) for js in cells.values()]
+                level_losses.append(torch.stack(per_cell).mean().unsqueeze(0))
+        loss = torch.cat(level_losses).mean()  # stride 1: all patches; else: the blocks' cell means
+        per_level.append(loss)
+        total = total + level.weight * loss
+    return total, per_level
+
+
+def test_fast_step_matches_a_straightforward_implementation():
+    """Losses and gradients of the model's batched path (gather before the blocks, SDPA, one
+    predictor sequence per block via repeat, sort-based cell pooling) against the slow path,
+    in float64 (the loss itself is taken in float32 by design, hence the tolerances)."""
+    torch.manual_seed(0)
+    model = HJEPA("test_vit", 32, 4, SLOW_LEVELS, 32, 2, 2).double()
+    context, targets = MultiBlockMaskCollator(model.grid_size, min_keep=4).sample(2, torch.Generator().manual_seed(1))
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    slow_model = copy.deepcopy(model)
+    for m in slow_model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+
+    out = model(images, context, targets)
+    out["loss"].backward()
+    total, per_level = _reference_loss(slow_model, images, context, targets)
+    total.backward()
+    for k, loss in enumerate(per_level):
+        torch.testing.assert_close(out[f"loss/level{k}"], loss.detach(), rtol=1e-5, atol=1e-7, check_dtype=False)
+    torch.testing.assert_close(out["loss"].detach(), total.detach(), rtol=1e-5, atol=1e-7, check_dtype=False)
+    fast = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    slow = {n: p.grad for n, p in slow_model.named_parameters() if p.grad is not None}
+    assert fast.keys() == slow.keys() and len(fast) > 20
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)

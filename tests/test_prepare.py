@@ -1,6 +1,5 @@
 """python -m hjepa.data.prepare and the prepared dataset; the fused crop-while-decoding path."""
 
-import io
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hjepa.data import prepare as prep
-from hjepa.data.io import decode_bytes, decode_image, decode_resized_crop, jpeg_reduction, read_bytes
+from hjepa.data.decode import decode_image, decode_resized_crop, jpeg_reduction, read_bytes
 from hjepa.data.shards import PreparedDataset
 from hjepa.data.transforms import train_transform
 from hjepa.errors import DataError

@@ -42,11 +42,7 @@ def slurm_cluster():
 
 
 # 64 images, global batch 16: 4 steps per epoch. Enough steps that the signal lands mid-run.
-TINY = [
-    "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-    "dataset.num_train=64", "dataset.num_val=16", "hardware=cpu", "hardware.num_workers=0", "hardware.threads=1",
-    "logger.progress=false", "monitor.at_end=false", "trainer.log_every=1", "trainer.epochs=20",
-]
+TINY = ["experiment=tiny", "dataset.num_train=64", "dataset.num_val=16", "trainer.epochs=20"]
 STEPS = 80
 # The jobs inherit the environment (sbatch --export=ALL). One thread per process: the cores
 # are shared, and oversubscribed threads make tiny models many times slower.

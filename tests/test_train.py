@@ -1,7 +1,6 @@
 """The training loop, for real: tiny models on the synthetic data, on the CPU."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from hjepa.engine import checkpoint as ckpt
 from hjepa.engine.optim import Optimization
@@ -21,21 +19,6 @@ from hjepa.models.hjepa import HJEPA
 from hjepa.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2", "model.predictor_depth=1",
-    "dataset.num_train=256", "dataset.num_val=64", "hardware=cpu", "hardware.batch_size=16",
-    "hardware.num_workers=0", "hardware.threads=1", "trainer.epochs=2", "trainer.log_every=1", "trainer.checkpoint_every=5",
-    "logger.progress=false", "monitor.at_end=false",
-]
-
-
-def tiny_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
-
-
-def losses(run_dir):
-    return [(r["step"], r["loss"], r["loss/level0"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
 
 
 def test_schedules_hit_start_peak_and_end():
@@ -69,18 +52,18 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 @pytest.mark.parametrize("stop_at,workers", [(12, 0), (20, 2)])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at, workers):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at, workers, tiny, losses):
     extra = [f"hardware.num_workers={workers}"]
-    full = train(tiny_cfg(*extra), tmp_path / "full")
-    assert full["status"] == "completed" and full["steps"] == 32
+    full = train(tiny(*extra), tmp_path / "full")
+    assert full.status == "completed" and full.steps == 32
 
     with monkeypatch.context() as m:
         m.setattr(Trainer, "stop_requested", lambda self, step: step == stop_at)
-        part = train(tiny_cfg(*extra), tmp_path / "split")
-    assert part["status"] == "interrupted" and part["step"] == stop_at
+        part = train(tiny(*extra), tmp_path / "split")
+    assert part.status == "interrupted" and part.steps == stop_at
     assert ckpt.load(tmp_path / "split/checkpoints/last.pt")["step"] == stop_at
-    resumed = train(tiny_cfg(*extra), tmp_path / "split")  # trainer.resume=auto
-    assert resumed["status"] == "completed" and resumed["steps"] == 32
+    resumed = train(tiny(*extra), tmp_path / "split")  # trainer.resume=auto
+    assert resumed.status == "completed" and resumed.steps == 32
 
     a = ckpt.load(tmp_path / "full/checkpoints/last.pt")
     b = ckpt.load(tmp_path / "split/checkpoints/last.pt")
@@ -107,23 +90,23 @@ def _flat(tree, prefix=""):
     return out
 
 
-def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
-    train(tiny_cfg("trainer.epochs=1"), tmp_path)
+def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path, tiny):
+    train(tiny("trainer.epochs=1"), tmp_path)
     with pytest.raises(CheckpointError, match="different model shape"):
-        train(tiny_cfg("trainer.epochs=1", "model.predictor_dim=32"), tmp_path)
+        train(tiny("trainer.epochs=1", "model.predictor_dim=32"), tmp_path)
 
 
-def test_resume_never_refuses_to_overwrite_and_explicit_path_resumes(tmp_path):
-    train(tiny_cfg("trainer.epochs=1"), tmp_path / "a")
+def test_resume_never_refuses_to_overwrite_and_explicit_path_resumes(tmp_path, tiny, losses):
+    train(tiny("trainer.epochs=1"), tmp_path / "a")
     with pytest.raises(CheckpointError, match="trainer.resume=never"):
-        train(tiny_cfg("trainer.epochs=1", "trainer.resume=never"), tmp_path / "a")
-    result = train(tiny_cfg(f"trainer.resume={tmp_path / 'a/checkpoints/last.pt'}"), tmp_path / "b")
-    assert result["steps"] == 32
+        train(tiny("trainer.epochs=1", "trainer.resume=never"), tmp_path / "a")
+    result = train(tiny(f"trainer.resume={tmp_path / 'a/checkpoints/last.pt'}"), tmp_path / "b")
+    assert result.steps == 32
     assert losses(tmp_path / "b")[0][0] == 17  # continued after step 16, nothing redone
 
 
-def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
-    train(tiny_cfg("trainer.epochs=1", "trainer.snapshot_every=1"), tmp_path)
+def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, tiny):
+    train(tiny("trainer.epochs=1", "trainer.snapshot_every=1"), tmp_path)
     state = ckpt.load(tmp_path / "checkpoints/last.pt")
     assert {"model", "optimizer", "scaler", "step", "sampler", "rng", "config"} <= set(state)
     assert state["sampler"] == {"epoch": 1, "position": 0} and state["step"] == 16
@@ -136,12 +119,12 @@ def test_killing_a_run_while_it_writes_a_checkpoint_leaves_the_previous_one(tmp_
     path = tmp_path / "last.pt"
     writer = textwrap.dedent(f"""
         import torch
-        from hjepa.engine.checkpoint import FORMAT, save_atomic
+        from hjepa.engine.checkpoint import FORMAT, save
         big = torch.randn(64, 1024, 1024)  # 256 MB: a write takes long enough to be killed in
         step = 0
         while True:
             step += 1
-            save_atomic({{"format": FORMAT, "step": step, "weights": big}}, {str(path)!r})
+            save({{"format": FORMAT, "step": step, "weights": big}}, {str(path)!r})
     """)
     for delay in (0.2, 0.7):
         proc = subprocess.Popen([sys.executable, "-c", writer])
@@ -164,7 +147,7 @@ def test_a_torn_checkpoint_file_is_a_clear_error(tmp_path):
         ckpt.load(path)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny):
     forward = HJEPA.forward
     calls = {"n": 0}
 
@@ -177,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(HJEPA, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="between step 12 and step 13.*checkpoints/last.pt"):
-        train(tiny_cfg(), tmp_path)
+        train(tiny(), tmp_path)
     state = ckpt.load(tmp_path / "checkpoints/last.pt")
     assert state["step"] == 10  # checkpoint_every=5: step 10 is the last one written
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -186,7 +169,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_cli_reports_a_non_finite_loss_without_a_traceback(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "hjepa.train", *TINY, "optim.lr=1e30", "optim.start_lr=1e30",
+        [sys.executable, "-m", "hjepa.train", "experiment=tiny", "optim.lr=1e30", "optim.start_lr=1e30",
          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode != 0
     assert "error: the loss became NaN or infinite" in run.stderr
@@ -213,20 +196,20 @@ def test_grad_accumulation_equals_one_big_batch():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
 
 
-def test_grad_accumulation_counts_optimizer_steps(tmp_path):
-    result = train(tiny_cfg("trainer.epochs=1", "hardware.batch_size=8", "trainer.grad_accum=2"), tmp_path)
-    assert result["steps"] == 16 and result["global_batch"] == 16
+def test_grad_accumulation_counts_optimizer_steps(tmp_path, tiny):
+    result = train(tiny("trainer.epochs=1", "hardware.batch_size=8", "trainer.grad_accum=2"), tmp_path)
+    assert result.steps == 16 and result.global_batch == 16
     assert ckpt.load(tmp_path / "checkpoints/last.pt")["sampler"] == {"epoch": 1, "position": 0}
 
 
-def test_wandb_runs_offline_without_an_account(tmp_path, monkeypatch):
+def test_wandb_runs_offline_without_an_account(tmp_path, monkeypatch, tiny):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no cached login
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    result = train(tiny_cfg("logger=wandb", "trainer.epochs=1"), tmp_path / "run")
-    assert result["status"] == "completed"
+    result = train(tiny("logger=wandb", "trainer.epochs=1"), tmp_path / "run")
+    assert result.status == "completed"
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     assert (tmp_path / "run" / "masks.png").is_file()

@@ -22,8 +22,9 @@ by hjepa.data.transforms.train_transform) is then split in two:
   (``DeviceAugment.apply``), and rounded back to uint8 so that the usual ``normalize``
   follows. Without a GPU the same code runs on the CPU.
 
-A batch of such items is a float64 tensor [B, DEFERRED_WIDTH] in place of the images
-(``is_deferred``); hjepa.engine.step.batch_to_device turns it into images.
+Such an item is an ``AugmentParams`` (hjepa.data.batch) in place of the image; a batch of
+them carries ``params`` instead of ``images``, and ``Mixture.to_device`` turns it into
+images with ``augment_batch``.
 """
 
 from __future__ import annotations
@@ -39,19 +40,16 @@ from torch import Tensor
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
+from hjepa.data.batch import AugmentParams
+from hjepa.data.transforms import crop_box
 from hjepa.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "device")
 # index, top, left, height, width, flip, brightness, contrast, saturation, 4 x jitter order
-DEFERRED_WIDTH = 13
+PARAMS_WIDTH = 13
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
-
-def is_deferred(images: Tensor) -> bool:
-    """True for a batch of augmentation parameters (from a cached dataset) instead of images."""
-    return images.dtype == torch.float64 and images.dim() == 2 and images.shape[1] == DEFERRED_WIDTH
 
 
 def check_cache_mode(cache: str) -> str:
@@ -63,11 +61,6 @@ def check_cache_mode(cache: str) -> str:
 def _mode(interpolation) -> str:
     """InterpolationMode or its string (torchvision versions differ) -> "bilinear", ..."""
     return str(getattr(interpolation, "value", interpolation))
-
-
-def _shape_only(height: int, width: int) -> Tensor:
-    """A [3, H, W] tensor that owns one byte: transforms.v2 reads only its size."""
-    return torch.zeros((), dtype=torch.uint8).expand(3, height, width)
 
 
 class DeviceAugment:
@@ -93,12 +86,12 @@ class DeviceAugment:
         return None if ops else cls(crop, flip, jitter)
 
     def sample(self, index: int, height: int, width: int) -> Tensor:
-        """Parameters for one item of an image of height x width: float64 [DEFERRED_WIDTH].
+        """Parameters for one item of an image of height x width: float64 [PARAMS_WIDTH].
 
         Draws from torch's global RNG with the same calls, in the same order, as the CPU
         transform, so both give the same crop boxes, flips and factors for the same seed."""
-        p = torch.zeros(DEFERRED_WIDTH, dtype=torch.float64)
-        box = self.crop.make_params([_shape_only(height, width)])
+        p = torch.zeros(PARAMS_WIDTH, dtype=torch.float64)
+        box = crop_box(self.crop, height, width)
         p[0:5] = torch.tensor([index, box["top"], box["left"], box["height"], box["width"]], dtype=torch.float64)
         if self.flip is not None:
             p[5] = float(bool(torch.rand(1) < self.flip.p))  # as RandomApply: flip unless rand >= p
@@ -112,7 +105,7 @@ class DeviceAugment:
         return p
 
     def apply(self, images: Tensor, params: Tensor) -> Tensor:
-        """images uint8 [B, 3, H, W], params [B, DEFERRED_WIDTH] on the same device -> uint8
+        """images uint8 [B, 3, H, W], params [B, PARAMS_WIDTH] on the same device -> uint8
         [B, 3, size, size]: crop + resize, flip, jitter. Batched, no host synchronisation."""
         B = images.shape[0]
         p = params.to(torch.float32)
@@ -223,9 +216,9 @@ class ImageCache:
         state["_on_device"] = {}  # loader workers never need the device copy
         return state
 
-    def item(self, index: int, transform: Optional[Callable]) -> Tensor:
+    def item(self, index: int, transform: Optional[Callable]) -> Tensor | AugmentParams:
         if self.augment is not None:
-            return self.augment.sample(index, *self.decoded.size(index))
+            return AugmentParams(self.augment.sample(index, *self.decoded.size(index)))
         image = self.decoded.image(index)
         return transform(image) if transform is not None else image.clone()
 
@@ -243,26 +236,18 @@ class ImageCache:
         return batch.to(device, non_blocking=True)
 
 
-def augment_deferred(params: Tensor, sources: Tensor, datasets: Sequence, device: torch.device) -> Tensor:
-    """Images uint8 [B, 3, S, S] on `device` for a batch of deferred items: each item i comes
-    from dataset ``datasets[sources[i]]``, which must hold an ImageCache as ``.cache_``.
-    Grouping by source happens on the CPU tensors, so nothing waits for the device."""
+def augment_batch(params: Tensor, sources: Tensor, caches: Sequence[ImageCache], device: torch.device) -> Tensor:
+    """Images uint8 [B, 3, S, S] on `device` for a batch of augmentation parameters; item i
+    comes from ``caches[sources[i]]``. Grouping by source happens on the CPU tensors, so
+    nothing waits for the device."""
     index = params[:, 0].long()
     present = sorted(set(sources.tolist()))
-    caches = []
-    for d in present:
-        cache = getattr(datasets[d], "cache_", None)
-        if cache is None or cache.augment is None:
-            raise ConfigError(
-                f"mixture component {d} has no device augmentation (cache: memory|device and a "
-                "RandomResizedCrop train transform) while others have: set the same cache on every component"
-            )
-        caches.append(cache)
     if len(present) == 1:
-        cache = caches[0]
+        cache = caches[present[0]]
         return cache.augment.apply(cache.gather(index, device), params.to(device, non_blocking=True))
     out = None
-    for d, cache in zip(present, caches):
+    for d in present:
+        cache = caches[d]
         rows = (sources == d).nonzero().squeeze(1)  # CPU tensors: no device wait
         part = cache.augment.apply(cache.gather(index[rows], device), params[rows].to(device, non_blocking=True))
         if out is None:
@@ -271,16 +256,17 @@ def augment_deferred(params: Tensor, sources: Tensor, datasets: Sequence, device
     return out
 
 
-def check_cached_components(datasets: Sequence) -> None:
-    """Either every component defers its augmentation to the device or none does."""
-    deferred = [getattr(getattr(d, "cache_", None), "augment", None) is not None for d in datasets]
+def check_caches(names: Sequence[str], caches: Sequence[Optional[ImageCache]]) -> None:
+    """Either every mixture component augments on the device, with one output size, or none does."""
+    deferred = [c is not None and c.augment is not None for c in caches]
     if any(deferred) and not all(deferred):
+        on = [n for n, d in zip(names, deferred) if d]
+        off = [n for n, d in zip(names, deferred) if not d]
         raise ConfigError(
-            "mixture: some components augment on the device (cache: memory|device) and others in the "
-            "loader workers; their batches cannot be combined. Set the same dataset cache on every component"
+            f"mixture: component(s) {', '.join(on)} augment on the device (cache: memory|device) and "
+            f"{', '.join(off)} in the loader workers; their batches cannot be combined. Set the same "
+            "dataset cache on every component"
         )
-    sizes = {getattr(d, "cache_").augment.size for d, on in zip(datasets, deferred) if on}
+    sizes = {c.augment.size for c, on in zip(caches, deferred) if on}
     if len(sizes) > 1:
         raise ConfigError(f"mixture: cached components produce different image sizes {sorted(sizes)}")
-
-

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hjepa.data.cache import ImageCache, check_cache_mode
-from hjepa.data.io import IMAGE_EXTENSIONS, UnreadableImageError, decode_image, decode_resized_crop, read_bytes
+from hjepa.data.decode import IMAGE_EXTENSIONS, UnreadableImageError, decode_image, decode_resized_crop, read_bytes
 from hjepa.data.transforms import split_crop
 from hjepa.errors import ConfigError, DataError
 
@@ -69,7 +69,7 @@ class FileDataset(Dataset):
     and every run sees the same substitute); with "raise" it raises a DataError naming it.
 
     A transform that starts with RandomResizedCrop is fused into the decode
-    (hjepa.data.io.decode_resized_crop: same random draws, JPEGs decoded at reduced size
+    (hjepa.data.decode.decode_resized_crop: same random draws, JPEGs decoded at reduced size
     where the crop allows). `cache`: "memory" decodes every image once at construction and
     keeps them in one uint8 tensor, "device" also keeps that tensor on the training device;
     train crops then happen on the device in batches (hjepa.data.cache). Meant for small
@@ -99,7 +99,7 @@ class FileDataset(Dataset):
         # from the spawn context can be handed to workers started by fork, spawn or forkserver
         # (a fork-context one is refused by spawn workers, the default on macOS).
         self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
-        self.cache_: Optional[ImageCache] = None
+        self.cache: Optional[ImageCache] = None
         if check_cache_mode(cache) != "none" and samples:
             labels = list(self.targets)
 
@@ -108,7 +108,7 @@ class FileDataset(Dataset):
                 return image
 
             key = ("files", on_error, tuple(path for path, _ in samples))
-            self.cache_ = ImageCache.build(cache, key, load, len(samples), transform)
+            self.cache = ImageCache.build(cache, key, load, len(samples), transform)
             self._cached_labels = labels  # an unreadable file's substitute brings its own label
 
     @property
@@ -122,8 +122,8 @@ class FileDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
-        if self.cache_ is not None:
-            return self.cache_.item(index, self.transform), self._cached_labels[index]
+        if self.cache is not None:
+            return self.cache.item(index, self.transform), self._cached_labels[index]
         return self._read(index, self._decode)
 
     def _decode(self, path: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from hjepa.data.folder import FileDataset, name_few, class_dirs, class_samples
-from hjepa.data.io import IMAGE_EXTENSIONS
+from hjepa.data.decode import IMAGE_EXTENSIONS
 from hjepa.errors import ConfigError, DataError
 
 # The CMC ImageNet-100 list (Tian et al. 2019), shipped with the package.

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from hjepa.data.batch import Batch, ImageDataset, Item
+from hjepa.data.cache import ImageCache, augment_batch, check_caches
 from hjepa.errors import ConfigError, DataError
 
 STRATEGIES = ("weighted", "balanced", "concat")
@@ -58,16 +60,17 @@ def _passes(n_items: int, n_draws: int, *parts: int) -> torch.Tensor:
 class Mixture(Dataset):
     """Map-style dataset over the concatenation of named components.
 
-    `mixture[i]` -> (image, label, component index); `mixture[(key, i)]`, as yielded by
-    MixtureSampler, runs the item with torch's RNG seeded from `key` and returns
-    (image, label, component index, key). `weights` are the normalised shares of draws:
+    `mixture[i]` -> Item(image, label, source=component index); `mixture[(key, i)]`, as
+    yielded by MixtureSampler, makes the item with torch's RNG seeded from `key` (and
+    records the key in the Item). `to_device` turns a collated Batch into images on the
+    training device, augmenting there the items of cached components. `weights` are the normalised shares of draws:
     the given weights for "weighted" (default: proportional to size), equal for "balanced",
     proportional to size for "concat" (given weights are still checked, then not used).
     """
 
     def __init__(
         self,
-        datasets: dict[str, Dataset],
+        datasets: dict[str, ImageDataset],
         weights: Optional[dict[str, float]] = None,
         strategy: Literal["weighted", "balanced", "concat"] = "weighted",
         epoch_length: Optional[int] = None,
@@ -107,30 +110,46 @@ class Mixture(Dataset):
             raise ConfigError(f"mixture.epoch_length: expected a positive int or null, got {epoch_length}")
         self.epoch_length = epoch_length if epoch_length is not None else sum(self.sizes)
         self.offsets = [0, *np.cumsum(self.sizes).tolist()]  # component d holds [offsets[d], offsets[d+1])
+        check_caches(self.names, self.caches)
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple:
+    def __getitem__(self, index: int | tuple[int, int]) -> Item:
         if isinstance(index, tuple):
             key, index = index
             # The item's augmentation draws from torch's RNG (transforms.v2 uses nothing else):
             # seeding it per item makes the result independent of worker count and order.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(key)
-                return (*self._item(index), key)
+                return self._item(index, key)
         return self._item(index)
 
-    def _item(self, index: int) -> tuple[Any, int, int]:
+    def _item(self, index: int, key: Optional[int] = None) -> Item:
         index = range(len(self))[index]
         d = bisect.bisect_right(self.offsets, index) - 1
         image, label = self.datasets[d][index - self.offsets[d]]
-        return image, label, d
+        return Item(image, int(label), d, key)
+
+    def to_device(self, batch: Batch, device: torch.device) -> Batch:
+        """The batch on `device` with uint8 `images` (made there from `params` for cached
+        components), copied without waiting for the device."""
+        if batch.params is not None:
+            images = augment_batch(batch.params, batch.sources, self.caches, device)
+        else:
+            images = batch.images.to(device, non_blocking=True)
+        return Batch(labels=batch.labels, sources=batch.sources, images=images,
+                     context=batch.context.to(device, non_blocking=True),
+                     targets=batch.targets.to(device, non_blocking=True))
+
+    @property
+    def caches(self) -> list[Optional[ImageCache]]:
+        return [d.cache for d in self.datasets]
 
     @property
     def num_skipped(self) -> int:
         """Unreadable images skipped so far, over all components (and all loader workers)."""
-        return sum(getattr(d, "num_skipped", 0) for d in self.datasets)
+        return sum(d.num_skipped for d in self.datasets)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per component: size, normalised weight and expected draws per epoch."""

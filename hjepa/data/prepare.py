@@ -38,9 +38,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from hjepa.atomic import atomic_write
 from hjepa.data.folder import ImageFolder, list_images
 from hjepa.data.imagenet import ImageNet
-from hjepa.data.io import UnreadableImageError, decode_bytes, decode_image
+from hjepa.data.decode import UnreadableImageError, decode_bytes, decode_image
 from hjepa.data.shards import FORMAT, INDEX, ShardReader, read_items
 from hjepa.errors import ConfigError, HJEPAError
 
@@ -82,26 +83,28 @@ def _write_shard(job: tuple) -> dict:
     torch.set_num_threads(1)
     out, name, first, items, short_side, quality = job
     offsets, sizes, labels, skipped = [], [], [], []
-    tmp = Path(out) / f".{name}.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, (path, label) in enumerate(items):
-            try:
-                data = encode_jpeg(resize_short(decode_image(path), short_side), quality)
-            except UnreadableImageError as e:
-                skipped.append(str(e))
-                offsets.append(-1), sizes.append(0), labels.append(label)
-                continue
-            key = f"{first + k:09d}"
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
-            # the data end the member, padded to 512-byte blocks; tar.offset is past the padding
-            offsets.append(tar.offset - -(-len(data) // 512) * 512), sizes.append(len(data)), labels.append(label)
-            cls = str(label).encode()
-            info = tarfile.TarInfo(f"{key}.cls")
-            info.size, info.mtime = len(cls), 0
-            tar.addfile(info, io.BytesIO(cls))
-    tmp.replace(Path(out) / name)
+
+    def write(f) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for k, (path, label) in enumerate(items):
+                try:
+                    data = encode_jpeg(resize_short(decode_image(path), short_side), quality)
+                except UnreadableImageError as e:
+                    skipped.append(str(e))
+                    offsets.append(-1), sizes.append(0), labels.append(label)
+                    continue
+                key = f"{first + k:09d}"
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+                # the data end the member, padded to 512-byte blocks; tar.offset is past the padding
+                offsets.append(tar.offset - -(-len(data) // 512) * 512), sizes.append(len(data)), labels.append(label)
+                cls = str(label).encode()
+                info = tarfile.TarInfo(f"{key}.cls")
+                info.size, info.mtime = len(cls), 0
+                tar.addfile(info, io.BytesIO(cls))
+
+    atomic_write(Path(out) / name, write)
     return {"name": name, "offset": offsets, "size": sizes, "label": labels, "skipped": skipped}
 
 
@@ -188,9 +191,7 @@ def prepare(root: str, out: str, layout: str = "image_folder", splits: tuple[str
             index["splits"][split] = entry
     index["classes"] = classes
     index["seconds"] = round(time.perf_counter() - t0, 1)
-    tmp = out_dir / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out_dir / INDEX)
+    atomic_write(out_dir / INDEX, json.dumps(index, indent=1))
     return index
 
 

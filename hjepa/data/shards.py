@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hjepa.data.cache import ImageCache, check_cache_mode
-from hjepa.data.io import UnreadableImageError, decode_bytes, decode_resized_crop
+from hjepa.data.decode import UnreadableImageError, decode_bytes, decode_resized_crop
 from hjepa.data.transforms import split_crop
 from hjepa.errors import DataError
 
@@ -37,7 +37,7 @@ INDEX = "index.json"
 def read_index(root: Path) -> dict:
     path = root / INDEX
     if not path.is_file():
-        partial = any(root.glob("*.tar")) or any(root.glob("*.tmp"))
+        partial = any(root.glob("*.tar")) or any(root.glob(".*.tmp-*"))
         raise DataError(
             f"{root} is not a prepared dataset: {INDEX} is missing"
             + (" (shards are there: the prepare run did not finish or failed verification; run it again)" if partial
@@ -93,6 +93,7 @@ class PreparedDataset(Dataset):
     images (after `transform`) and labels. `cache` as for ImageFolder."""
 
     labeled_split = "train"
+    num_skipped = 0  # a prepared dataset was verified when it was written: an unreadable item raises
 
     def __init__(
         self,
@@ -116,9 +117,9 @@ class PreparedDataset(Dataset):
         self.targets = items["label"].tolist()
         self.transform = transform
         self._crop = split_crop(transform)
-        self.cache_: Optional[ImageCache] = None
+        self.cache: Optional[ImageCache] = None
         if check_cache_mode(cache) != "none":
-            self.cache_ = ImageCache.build(cache, ("prepared", str(root_dir.resolve()), split),
+            self.cache = ImageCache.build(cache, ("prepared", str(root_dir.resolve()), split),
                                            lambda i: decode_bytes(self.reader.read(i), self.reader.name(i)),
                                            len(self.reader), transform)
 
@@ -128,8 +129,8 @@ class PreparedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = range(len(self))[index]
         label = self.targets[index]
-        if self.cache_ is not None:
-            return self.cache_.item(index, self.transform), label
+        if self.cache is not None:
+            return self.cache.item(index, self.transform), label
         data, name = self.reader.read(index), self.reader.name(index)
         if self._crop is not None:
             crop, rest = self._crop

@@ -70,6 +70,8 @@ class SyntheticShapes(Dataset):
     classes = CLASSES
     labeled_split = "train"
     eval_split = "val"
+    cache = None      # rendering is cheaper than keeping the images
+    num_skipped = 0
 
     def __init__(
         self,

@@ -63,7 +63,8 @@ class _TensorImages(Dataset):
     classes: list[str]
     targets: list[int]
     transform: Optional[Callable]
-    cache_: Optional[ImageCache] = None  # decoded images augmented on the device (CIFAR's `cache`)
+    cache: Optional[ImageCache] = None  # decoded images augmented on the device (CIFAR's `cache`)
+    num_skipped = 0  # every image is already in memory: nothing to skip
 
     def _image(self, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -73,8 +74,8 @@ class _TensorImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = range(len(self))[index]  # IndexError when out of range, as a Sequence
-        if self.cache_ is not None:
-            return self.cache_.item(index, self.transform), self.targets[index]
+        if self.cache is not None:
+            return self.cache.item(index, self.transform), self.targets[index]
         image = self._image(index)
         return (self.transform(image) if self.transform is not None else image), self.targets[index]
 
@@ -117,7 +118,7 @@ class CIFAR10(_TensorImages):
         self.transform = transform
         if cache != "none":
             sizes = torch.full((len(self.images), 2), 32, dtype=torch.long)
-            self.cache_ = ImageCache(cache, DecodedImages(self.images, sizes), transform)
+            self.cache = ImageCache(cache, DecodedImages(self.images, sizes), transform)
 
     def _image(self, index: int) -> torch.Tensor:
         # A copy: a view would drag the whole 150 MB storage along when sent between processes.

@@ -42,12 +42,19 @@ def train_transform(
 
 def split_crop(transform: Optional[Callable]) -> Optional[tuple[v2.RandomResizedCrop, Optional[Callable]]]:
     """(the leading RandomResizedCrop, the rest or None) of a v2 transform that starts with
-    one, else None. Datasets use it to crop while decoding (hjepa.data.io.decode_resized_crop)."""
+    one, else None. Datasets use it to crop while decoding (hjepa.data.decode.decode_resized_crop)."""
     ops = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
     if not ops or not isinstance(ops[0], v2.RandomResizedCrop):
         return None
     rest = ops[1:]
     return ops[0], (v2.Compose(rest) if rest else None)
+
+
+def crop_box(crop: v2.RandomResizedCrop, height: int, width: int) -> dict[str, int]:
+    """A random box (top, left, height, width) of `crop` for an image of height x width,
+    drawn with exactly the RNG calls `crop(image)` makes, without needing the pixels."""
+    shape_only = torch.zeros((), dtype=torch.uint8).expand(3, height, width)  # v2 reads only the size
+    return crop.make_params([shape_only])
 
 
 def eval_transform(size: int, crop_ratio: float = 0.875) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -23,9 +23,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from hjepa.config import build
-from hjepa.data.io import UnreadableImageError, decode_image, sniff_format
-from hjepa.errors import ConfigError, HJEPAError
+from hjepa.config import build, dataset_configs
+from hjepa.data.decode import UnreadableImageError, decode_image, sniff_format
+from hjepa.data.folder import FileDataset
+from hjepa.errors import HJEPAError
 
 MAX_LISTED = 10
 COLUMNS = ("split", "classes", "missing", "images", "per class", "unlabeled", "unreadable")
@@ -76,7 +77,7 @@ def verify_dataset(name: str, node: DictConfig, full: bool = False) -> bool:
             problems.append(f"  {split}: unreadable {path}: {why}")
         if unreadable and len(unreadable) > MAX_LISTED:
             problems.append(f"  {split}: ... and {len(unreadable) - MAX_LISTED} more unreadable files")
-        if unreadable and getattr(ds, "on_error", "skip") == "raise":
+        if unreadable and ds.on_error == "raise":
             problems.append(f"  {split}: on_error is 'raise', so training stops at the first of them")
             ok = False
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
@@ -89,22 +90,17 @@ def verify_dataset(name: str, node: DictConfig, full: bool = False) -> bool:
 
 def _dataset_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
     """The mixture's components by name, or cfg.dataset named after its config choice."""
-    if cfg.get("mixture") is not None:
-        return {name: c.dataset for name, c in cfg.mixture.components.items()}
-    if cfg.get("dataset") is None:
-        raise ConfigError("config has neither dataset nor mixture: choose one, e.g. dataset=synthetic")
     choice = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
-    return {choice or cfg.dataset._target_.rsplit(".", 1)[-1].lower(): cfg.dataset}
+    return dataset_configs(cfg, choice)
 
 
 def _unreadable(ds: Any, full: bool) -> list[tuple[str, str]] | None:
     """(path, reason) of the files of a file-backed dataset that cannot be read; None for
     datasets without files (in-memory or generated)."""
-    samples = getattr(ds, "samples", None)
-    if samples is None:
+    if not isinstance(ds, FileDataset):
         return None
     bad = []
-    for path, _label in samples:
+    for path, _label in ds.samples:
         if full:
             try:
                 decode_image(path)

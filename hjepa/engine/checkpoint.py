@@ -7,7 +7,6 @@ pickled code.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,34 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from hjepa.atomic import atomic_write
 from hjepa.errors import CheckpointError
 
 FORMAT = 1
 
 
-def save_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it.
-
-    A crash at any moment leaves either the previous file or the new one, never a torn
-    file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def save(state: dict, path: Path) -> None:
+    """torch.save `state` to `path` atomically: a crash leaves the previous file or the new one."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load(path: Path) -> dict:

@@ -4,7 +4,7 @@
 Nothing here reads a value back from the device: no ``.item()``, no ``.cpu()``, no Python
 branch on a tensor's value, no op whose output shape depends on data (``nonzero``,
 ``bincount`` on the device, boolean indexing). Host<->device waits happen only where the
-Trainer logs or checkpoints (tests/test_bench.py checks this by recording every op of a
+Trainer logs or checkpoints (tests/test_step.py checks this by recording every op of a
 step). With bf16 or fp32 the GradScaler is disabled, so ``scaler.scale`` and
 ``scaler.step`` are plain pass-throughs.
 """
@@ -12,27 +12,11 @@ step). With bf16 or fp32 the GradScaler is disabled, so ``scaler.scale`` and
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from hjepa.data.cache import augment_deferred, is_deferred
-
-
-def batch_to_device(data: dict[str, Tensor], datasets: Sequence, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(uint8 images [B, 3, H, W], context, targets) on `device`, copied without waiting.
-
-    Batches of a dataset with ``cache: memory|device`` carry per-item augmentation
-    parameters instead of pixels (see hjepa.data.cache); their images are made here, on the
-    device, from the decoded images kept in memory or on the device.
-    """
-    images = data["images"]
-    if is_deferred(images):
-        images = augment_deferred(images, data["sources"], datasets, device)
-    else:
-        images = images.to(device, non_blocking=True)
-    return images, data["context"].to(device, non_blocking=True), data["targets"].to(device, non_blocking=True)
 
 
 def forward_backward(step_model: nn.Module, images: Tensor, context: Tensor, targets: Tensor,

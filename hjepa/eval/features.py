@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from hjepa.data.transforms import normalize
-from hjepa.engine.checkpoint import save_atomic
+from hjepa.engine import checkpoint as ckpt
 
 Kind = Literal["pooled", "last4", "tokens"]
 
@@ -72,5 +72,5 @@ def cached(cache_dir: Path, key: dict, compute: Callable[[], tuple[Tensor, Tenso
         except Exception:  # unreadable or from another version: recompute and overwrite
             pass
     features, labels = compute()
-    save_atomic({"key": text, "features": features, "labels": labels}, path)
+    ckpt.save({"key": text, "features": features, "labels": labels}, path)
     return features, labels

@@ -76,6 +76,16 @@ class Monitor:
         return {"knn/top1": acc["top1"], "knn/top5": acc["top5"], "features/std": stats["std"],
                 "features/effective_rank": stats["rank"]}
 
+    def on_epoch_end(self, model: torch.nn.Module, epoch: int, logger) -> dict[str, float]:
+        """The Trainer's per-epoch callback: evaluate every `every_epochs` epochs."""
+        if not self.every_epochs or epoch % self.every_epochs:
+            return {}
+        metrics = self.evaluate(model)
+        warning = self.warning(metrics)
+        if warning:
+            logger.write(f"epoch {epoch}: {warning}")
+        return metrics
+
     def warning(self, metrics: dict[str, float]) -> Optional[str]:
         """A collapse warning for metrics from `evaluate`, or None."""
         stats = {"std": metrics["features/std"], "rank": metrics["features/effective_rank"]}

@@ -41,7 +41,7 @@ def labeled_splits(configs: dict[str, Any], transform: Callable) -> LabeledSplit
     for name, config in configs.items():
         split = hydra.utils.get_class(config["_target_"]).labeled_split
         labeled = build(config, split=split, transform=transform)
-        if getattr(labeled, "eval_split", None):
+        if labeled.eval_split:
             queries = build(config, split=labeled.eval_split, transform=transform)
             return LabeledSplits(name, labeled, queries, split, labeled.eval_split, list(labeled.classes))
         if first is None:

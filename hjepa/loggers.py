@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
-import torch
 from PIL import Image
 
-TARGET_COLOURS = np.array([[230, 60, 60], [60, 160, 230], [250, 200, 40], [150, 80, 220], [60, 200, 120]])
-
+from hjepa.atomic import atomic_write
 
 class Logger:
     """`wandb: true` mirrors every metric, the resolved config and the mask picture to W&B.
@@ -114,9 +112,7 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _start_wandb(logger: Logger, config: dict) -> Any:
@@ -154,31 +150,3 @@ def _wandb_run_id(run_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id)
     return run_id
-
-
-def mask_picture(images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor,
-                 grid: tuple[int, int], max_images: int = 8, min_side: int = 128) -> np.ndarray:
-    """A row of images with the context patches shown as is, target blocks tinted by block
-    and everything else (neither context nor target) dimmed."""
-    n = min(max_images, images.shape[0])
-    gh, gw = grid
-    tiles = []
-    for i in range(n):
-        img = images[i].permute(1, 2, 0).cpu().numpy().astype(np.float32)
-        h, w = img.shape[:2]
-        ph, pw = h // gh, w // gw
-        shade = np.full(gh * gw, 0.25, dtype=np.float32)
-        shade[context[i].cpu().numpy()] = 1.0
-        tint = np.zeros((gh * gw, 3), dtype=np.float32)
-        for t, block in enumerate(targets[i].cpu().numpy()):
-            tint[block] = TARGET_COLOURS[t % len(TARGET_COLOURS)]
-            shade[block] = np.where(shade[block] == 1.0, 1.0, 0.55)
-        per_pixel = np.repeat(np.repeat(shade.reshape(gh, gw), ph, 0), pw, 1)[..., None]
-        tint_px = np.repeat(np.repeat(tint.reshape(gh, gw, 3), ph, 0), pw, 1)
-        has_tint = tint_px.sum(-1, keepdims=True) > 0
-        out = img[: gh * ph, : gw * pw] * per_pixel
-        out = np.where(has_tint, 0.55 * out + 0.45 * tint_px, out)
-        scale = max(1, -(-min_side // out.shape[0]))
-        out = np.repeat(np.repeat(out, scale, 0), scale, 1)
-        tiles.append(np.pad(out, ((2, 2), (2, 2), (0, 0)), constant_values=255))
-    return np.concatenate(tiles, axis=1).clip(0, 255).astype(np.uint8)

@@ -21,6 +21,7 @@ from torchvision.io import ImageReadMode, decode_image as _tv_decode, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from hjepa.data.transforms import crop_box
 from hjepa.errors import DataError
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call;
@@ -88,11 +89,6 @@ def decode_bytes(data: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
-def _shape_only(height: int, width: int) -> torch.Tensor:
-    """A [3, H, W] tensor that owns one byte: transforms.v2 reads only its size."""
-    return torch.zeros((), dtype=torch.uint8).expand(3, height, width)
-
-
 def jpeg_reduction(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
     """The largest DCT scale-down r in (1, 2, 4, 8) that keeps the crop at least as large as
     the output (crop / r >= output on both axes): decoding at 1/r then loses no resolution
@@ -147,7 +143,7 @@ def decode_resized_crop(data: torch.Tensor, crop: v2.RandomResizedCrop, name: st
         return F.resized_crop(image, **box, size=list(crop.size), interpolation=crop.interpolation,
                               antialias=crop.antialias)
     height, width = size
-    box = crop.make_params([_shape_only(height, width)])
+    box = crop_box(crop, height, width)
     r = jpeg_reduction(box["height"], box["width"], out_h, out_w)
     if r == 1:
         image = decode_bytes(data, name)
