@@ -101,6 +101,7 @@ class Trainer:
                 f"trainer.grad_accum {self.grad_accum}); lower the batch size or use more data"
             )
         total = self.epochs * steps_per_epoch
+        optimization.set_steps_per_epoch(steps_per_epoch)  # for optim.warmup_epochs
 
         model.to(device)
         optimizer = optimization.build(model, fused=device.type == "cuda")
