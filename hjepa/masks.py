@@ -2,28 +2,32 @@
 
 Per batch, one target block size and one context block size are drawn (as the reference
 does, so all target blocks of a batch have the same number of patches); per image,
-`num_targets` target blocks and one context block are placed uniformly at random on the
-patch grid, and the context is the context block minus the union of the targets (unless
-`allow_overlap`). Images whose context keeps fewer than `min_keep` patches are resampled.
-Indices are into the row-major flattened patch grid.
+`num_targets` target blocks and one context block are placed at random on the patch grid,
+and the context is the context block minus the union of the targets (unless
+`allow_overlap`). Every context is then cut to the batch minimum K so that a batch is one
+index tensor. Indices are into the row-major flattened patch grid.
 
-Where this differs from facebookresearch/ijepa's MaskCollator, and why:
-* Equal context lengths: the reference truncates every context to the batch minimum K by
-  keeping its first K indices, i.e. the top rows; the dropped patches are always the
-  bottom ones, a systematic spatial bias. Here each image keeps a uniformly random
-  K-subset of its context patches (sorted), so truncation is unbiased in position.
-* Placement: the reference draws offsets with randint(0, H - h), an exclusive bound, so no
-  block ever touches the last row or column; here every offset 0..H-h is possible, and a
-  block may span the whole grid (context scale 1.0 means the whole image).
-* Block shape: the reference derives scale and aspect ratio from one shared random number
-  (large blocks are always the tall ones); here they are drawn independently.
-* min_keep: a context below min_keep is resampled rather than allowed to overlap targets.
+`geometry` chooses between two samplers:
+
+* ``unbiased`` (this project's): scale and aspect ratio drawn independently; a block may sit
+  at any offset 0..H-h (and span the whole grid); images whose context keeps fewer than
+  `min_keep` patches are resampled (targets and context); each image keeps a uniformly random
+  K-subset of its context patches (sorted), so truncation has no spatial bias.
+* ``reference`` (facebookresearch/ijepa's MaskCollator, re-implemented): one shared random
+  number sets both the scale and the aspect ratio of a block (large blocks are always the
+  tall ones); blocks are at most (H-1) x (W-1) and their offsets are drawn with the exclusive
+  bound randint(0, H - h), so no block touches the last row or column; a context keeping
+  `min_keep` or fewer patches has its block re-placed (targets kept), and after 20 failed
+  tries it stops excluding the last target, then the one before, ...; every context keeps
+  its first K indices, i.e. the top rows. On an 8x8 grid (32 px, patch 4) this puts the
+  context block always at the top-left 7x7 and leaves ~14 context patches per image
+  against ~22 for ``unbiased``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +37,8 @@ from hjepa.data.batch import Batch, Item
 from hjepa.errors import ConfigError
 
 MAX_TRIES = 100  # resampling rounds for contexts below min_keep before giving up
+REFERENCE_TRIES = 20  # geometry=reference: context re-placements before one target exclusion is dropped
+GEOMETRIES = ("unbiased", "reference")
 
 
 def _check_range(name: str, values: Sequence[float], low: float, high: float) -> tuple[float, float]:
@@ -52,9 +58,16 @@ class MultiBlockMaskCollator:
         context_aspect: list[float] = (1.0, 1.0),
         min_keep: int = 10,
         allow_overlap: bool = False,
+        geometry: Literal["unbiased", "reference"] = "unbiased",
     ):
         if len(grid_size) != 2 or min(grid_size) < 1:
             raise ConfigError(f"mask: grid_size must be two positive ints, got {grid_size}")
+        if geometry not in GEOMETRIES:
+            raise ConfigError(f"mask.geometry: expected one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+        if geometry == "reference" and min(grid_size) < 2:
+            raise ConfigError(f"mask.geometry=reference needs a patch grid of at least 2x2, got {tuple(grid_size)}")
+        self.geometry = geometry
+        self.reference = geometry == "reference"
         if num_targets < 1 or min_keep < 1:
             raise ConfigError(f"mask: num_targets and min_keep must be >= 1, got {num_targets} and {min_keep}")
         self.height, self.width = int(grid_size[0]), int(grid_size[1])
@@ -77,17 +90,21 @@ class MultiBlockMaskCollator:
             )
 
     def _block_size(self, scale: tuple[float, float], aspect: tuple[float, float], u: float, v: float) -> tuple[int, int]:
-        """A block of (scale * grid) patches with height/width ~ aspect, as in the reference."""
+        """A block of (scale * grid) patches with height/width ~ aspect, as in the reference
+        (which also caps blocks at (H-1) x (W-1); `unbiased` allows the whole grid)."""
         area = int(self.height * self.width * (scale[0] + u * (scale[1] - scale[0])))
         ratio = aspect[0] + v * (aspect[1] - aspect[0])
         h = round(math.sqrt(area * ratio))
         w = round(math.sqrt(area / ratio))
-        return min(max(h, 1), self.height), min(max(w, 1), self.width)
+        cap = 1 if self.reference else 0
+        return min(max(h, 1), self.height - cap), min(max(w, 1), self.width - cap)
 
     def _blocks(self, shape: tuple[int, ...], h: int, w: int, generator: torch.Generator) -> Tensor:
-        """Uniformly placed h x w blocks: shape + (h * w,) patch indices, row-major."""
-        top = torch.randint(0, self.height - h + 1, shape + (1, 1), generator=generator)
-        left = torch.randint(0, self.width - w + 1, shape + (1, 1), generator=generator)
+        """Randomly placed h x w blocks: shape + (h * w,) patch indices, row-major. Offsets are
+        uniform over 0..H-h (`unbiased`) or 0..H-h-1 (`reference`: randint's exclusive bound)."""
+        end = 0 if self.reference else 1
+        top = torch.randint(0, self.height - h + end, shape + (1, 1), generator=generator)
+        left = torch.randint(0, self.width - w + end, shape + (1, 1), generator=generator)
         rows = top + torch.arange(h).view(h, 1)
         cols = left + torch.arange(w).view(1, w)
         return (rows * self.width + cols).reshape(shape + (h * w,))
@@ -95,6 +112,8 @@ class MultiBlockMaskCollator:
     def sample_blocks(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The untruncated masks: (context BoolTensor[B, N], targets LongTensor[B, T, M]).
         ``sample`` starts with exactly this call, then equalises the context lengths."""
+        if self.reference:
+            return self._sample_blocks_reference(batch_size, generator)
         u = torch.rand(4, generator=generator).tolist()
         th, tw = self._block_size(self.target_scale, self.target_aspect, u[0], u[1])
         ch, cw = self._block_size(self.context_scale, self.context_aspect, u[2], u[3])
@@ -118,11 +137,43 @@ class MultiBlockMaskCollator:
             f"{self.height}x{self.width} grid); lower min_keep, num_targets or target_scale"
         )
 
+    def _sample_blocks_reference(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``sample_blocks`` by the reference's rules (see the module docstring)."""
+        u = torch.rand(2, generator=generator).tolist()  # one number per block size: scale and aspect
+        th, tw = self._block_size(self.target_scale, self.target_aspect, u[0], u[0])
+        ch, cw = self._block_size(self.context_scale, self.context_aspect, u[1], u[1])
+        B, T, N = batch_size, self.num_targets, self.height * self.width
+        targets = self._blocks((B, T), th, tw, generator)
+        context = torch.empty(B, N, dtype=torch.bool)
+        todo = torch.arange(B)  # images whose context is still to (re)place
+        for relaxed in range(T + 1):  # exclude the first T - relaxed targets from the context
+            excluded = torch.zeros(B, N, dtype=torch.bool)
+            if not self.allow_overlap and relaxed < T:
+                excluded.scatter_(1, targets[:, : T - relaxed].reshape(B, -1), True)
+            for _ in range(REFERENCE_TRIES):
+                n = len(todo)
+                ctx = torch.zeros(n, N, dtype=torch.bool).scatter_(1, self._blocks((n,), ch, cw, generator), True)
+                ctx &= ~excluded[todo]
+                context[todo] = ctx
+                todo = todo[ctx.sum(1) <= self.min_keep]  # the reference keeps a context of > min_keep
+                if len(todo) == 0:
+                    return context, targets
+        raise ConfigError(
+            f"mask: a {ch}x{cw} context block keeps at most {ch * cw} patches, not more than "
+            f"min_keep={self.min_keep} (geometry=reference on the {self.height}x{self.width} grid); "
+            "lower min_keep or raise context_scale"
+        )
+
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(context LongTensor[B, K], targets LongTensor[B, T, M]); K is the batch minimum of
-        the context sizes, each image keeping a uniformly random K-subset (sorted)."""
+        the context sizes, each image keeping a uniformly random K-subset (`unbiased`) or its
+        first K indices (`reference`), sorted."""
         context, targets = self.sample_blocks(batch_size, generator)
         k = int(context.sum(1).min())
+        if self.reference:  # context indices first, in ascending order: keep the first k
+            n = context.shape[1]
+            index = torch.arange(n).expand_as(context)
+            return torch.where(context, index, index + n).sort(dim=1).values[:, :k], targets
         # Random keys, non-context patches last: the k smallest are a uniform k-subset.
         keys = torch.rand(context.shape, generator=generator).masked_fill_(~context, 2.0)
         keep = keys.topk(k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values

@@ -85,7 +85,10 @@ def load_yaml_node(group: str, name: str, values: dict[str, Any]) -> dict:
     node = yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
     merged: dict = {}
     for entry in node.pop("defaults", []):
-        if entry != "_self_":
+        if isinstance(entry, dict):  # a nested group, e.g. {levels: hjepa3} -> conf/model/levels/hjepa3.yaml
+            (sub, option), = entry.items()
+            merged.update(load_yaml_node(f"{group}/{sub.removeprefix('override ')}", option, values))
+        elif entry != "_self_":
             merged.update(load_yaml_node(group, entry, values))
     merged.update(node)
 

@@ -129,6 +129,7 @@ class Trainer:
             collator: Callable, logger: Logger, run: RunContext, callbacks: tuple[Callback, ...] = ()) -> Summary:
         plan = self._plan(data, hardware.batch_size, run.dist)
         optimization.set_global_batch(plan.global_batch)
+        optimization.set_steps_per_epoch(plan.steps_per_epoch)  # for optim.warmup_epochs
         device = hardware.device
         model.to(device)
         optimizer = optimization.build(model, fused=device.type == "cuda")

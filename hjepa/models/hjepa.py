@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from hjepa.errors import ConfigError
 from hjepa.models.predictor import Predictor
-from hjepa.models.vit import Depth, create_encoder, encode_context, encode_targets, gather_tokens
+from hjepa.models.vit import Depth, check_init, create_encoder, encode_context, encode_targets, gather_tokens
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,10 @@ class HJEPA(nn.Module):
         predictor_heads: int = 6,
         drop_path_rate: float = 0.0,
         loss: Literal["smooth_l1", "mse"] = "smooth_l1",
+        init: Literal["rescaled", "reference"] = "rescaled",
     ):
         super().__init__()
+        check_init(init)
         if loss not in ("smooth_l1", "mse"):
             raise ConfigError(f"model.loss: expected 'smooth_l1' or 'mse', got {loss!r}")
         if predictor_depth < 1 or predictor_dim < 1 or predictor_heads < 1 or predictor_dim % predictor_heads:
@@ -105,13 +107,14 @@ class HJEPA(nn.Module):
             )
         if not 0.0 <= drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate: expected a value in [0, 1), got {drop_path_rate}")
-        self.encoder = create_encoder(arch, img_size, patch_size, drop_path_rate)
+        self.encoder = create_encoder(arch, img_size, patch_size, drop_path_rate, init)
         self.levels = parse_levels(levels, len(self.encoder.blocks), self.grid_size)
         self.depths = sorted({level.depth for level in self.levels}, key=str)
         self.loss_fn = F.smooth_l1_loss if loss == "smooth_l1" else F.mse_loss
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False).eval()
         self.predictor = Predictor(
-            self.encoder.embed_dim, self.grid_size, predictor_dim, predictor_depth, predictor_heads, len(self.levels)
+            self.encoder.embed_dim, self.grid_size, predictor_dim, predictor_depth, predictor_heads, len(self.levels),
+            init,
         )
 
     @property

@@ -17,7 +17,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from hjepa.models.vit import enable_sdpa, rescale_residual_init, sincos_pos_embed_2d
+from hjepa.models.vit import check_init, enable_sdpa, rescale_residual_init, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
@@ -29,8 +29,10 @@ class Predictor(nn.Module):
         depth: int,
         num_heads: int,
         num_levels: int,
+        init: str = "rescaled",
     ):
         super().__init__()
+        check_init(init)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -42,13 +44,16 @@ class Predictor(nn.Module):
         self.norm = norm(dim)
         self.heads = nn.ModuleList([nn.Linear(dim, embed_dim) for _ in range(num_levels)])
 
-        # I-JEPA init: truncated normal (std 0.02) weights, zero biases, scaled residual outputs.
+        # Truncated normal (std 0.02) weights and mask token, zero biases; init=rescaled then
+        # divides the residual outputs by sqrt(2 * layer), init=reference keeps them (its
+        # helper re-initialises every Linear after the model class rescaled them).
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        rescale_residual_init(self.blocks)
+        if init == "rescaled":
+            rescale_residual_init(self.blocks)
         enable_sdpa(self)
 
     def forward(self, x: Tensor, context: Tensor, targets: Tensor) -> list[Tensor]:

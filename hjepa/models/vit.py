@@ -50,11 +50,51 @@ def sincos_pos_embed_2d(dim: int, grid_size: tuple[int, int]) -> Tensor:
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
 
 
+# model.init: how the encoder and the predictor start.
+#   rescaled:  timm's init (every Linear trunc-normal std 0.02, zero bias), then each block's
+#              residual output projections (attn.proj, mlp.fc2) divided by sqrt(2 * layer);
+#              the patch embedding keeps PyTorch's Conv2d default (kaiming-uniform, a=sqrt(5):
+#              std 1/sqrt(3 * fan_in), 0.083 at patch 4, 0.014 at patch 16).
+#   reference: what facebookresearch/ijepa trains from. Its model classes rescale the residual
+#              projections too, but its helper then re-initialises every Linear layer
+#              (trunc-normal std 0.02, zero bias) after building, which cancels the rescale;
+#              its patch embedding is a Conv2d initialised trunc-normal std 0.02, zero bias.
+INITS = ("rescaled", "reference")
+INIT_STD = 0.02
+
+
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise ConfigError(f"model.init: expected one of {', '.join(INITS)}, got {init!r}")
+    return init
+
+
 def rescale_residual_init(blocks: nn.Sequential) -> None:
-    """I-JEPA's init: divide each block's residual output projections by sqrt(2 * layer)."""
+    """Divide each block's residual output projections by sqrt(2 * layer) (I-JEPA's model classes)."""
     for layer, block in enumerate(blocks, start=1):
         block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
         block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+
+
+@torch.no_grad()
+def reinit_linear(module: nn.Module, std: float = INIT_STD) -> None:
+    """Every Linear layer of `module`: weight trunc-normal(std) (cut at +-2, as timm and the
+    reference do), bias zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_weights(module: nn.Module, blocks: nn.Sequential, init: str) -> None:
+    """Apply `init` (one of INITS) to a freshly built encoder or predictor (whose Linear
+    layers already start trunc-normal std 0.02) with residual blocks `blocks`. LayerNorms
+    stay at weight 1, bias 0 in both."""
+    if check_init(init) == "rescaled":
+        rescale_residual_init(blocks)
+    else:
+        reinit_linear(module)
 
 
 def timm_kwargs(img_size: int, patch_size: int, drop_path_rate: float) -> dict:
@@ -78,7 +118,8 @@ def timm_kwargs(img_size: int, patch_size: int, drop_path_rate: float) -> dict:
     )
 
 
-def create_encoder(arch: str, img_size: int, patch_size: int, drop_path_rate: float) -> VisionTransformer:
+def create_encoder(arch: str, img_size: int, patch_size: int, drop_path_rate: float,
+                   init: str = "rescaled") -> VisionTransformer:
     if img_size % patch_size:
         raise ConfigError(f"model.img_size ({img_size}) must be a multiple of model.patch_size ({patch_size})")
     try:
@@ -91,7 +132,12 @@ def create_encoder(arch: str, img_size: int, patch_size: int, drop_path_rate: fl
     pos = sincos_pos_embed_2d(encoder.embed_dim, encoder.patch_embed.grid_size)
     encoder.pos_embed.data.copy_(pos.unsqueeze(0))
     encoder.pos_embed.requires_grad_(False)
-    rescale_residual_init(encoder.blocks)
+    init_weights(encoder, encoder.blocks, init)
+    if init == "reference":
+        with torch.no_grad():
+            nn.init.trunc_normal_(encoder.patch_embed.proj.weight, std=INIT_STD)
+            if encoder.patch_embed.proj.bias is not None:
+                nn.init.zeros_(encoder.patch_embed.proj.bias)
     enable_sdpa(encoder)
     return encoder
 
