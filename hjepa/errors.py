@@ -17,6 +17,10 @@ class DataError(HJEPAError):
     """Missing data, a wrong folder layout, or an unusable dataset."""
 
 
+class MissingDataError(DataError):
+    """A dataset that is not there (yet): its root or its files are absent."""
+
+
 class CheckpointError(HJEPAError):
     """A missing, corrupt or incompatible checkpoint."""
 

@@ -86,3 +86,59 @@ def imagenet_tree(imagenet_samples):
         return root
 
     return make
+
+
+@pytest.fixture
+def make_bad_tree(imagenet_samples):
+    """make_bad_tree(root): <root>/<class>/<files>, a real JPEG from imagenet-samples saved
+    every way an image folder goes wrong or merely unusual. Returns {path: None} for the files
+    that must decode to an RGB uint8 image and {path: reason} for those that must be skipped
+    (or, with on_error=raise, named), the reason being a phrase the message contains. Three
+    classes: `mixed` (every case), `odd_but_fine` (only valid odd files), `all_bad` (nothing
+    readable). A broken symlink sits in `mixed` (not an image: listed apart, see the tests)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def make(root: Path) -> dict[Path, str | None]:
+        jpeg = (imagenet_samples / "n01440764_tench.JPEG").read_bytes()
+        rgb = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((96, 72))
+        cases: dict[Path, str | None] = {}
+
+        def save(cls: str, name: str, writer, reason: str | None = None) -> None:
+            path = root / cls / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(writer, bytes):
+                path.write_bytes(writer)
+            else:
+                writer(path)
+            cases[path] = reason
+
+        def pil(image, fmt, **kw):
+            return lambda path: image.save(path, format=fmt, **kw)
+
+        sixteen = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))  # mode I;16
+        frames = [rgb, rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+
+        for cls in ("mixed", "odd_but_fine"):
+            save(cls, "good.JPEG", jpeg)
+            save(cls, "png_named.JPEG", pil(rgb, "PNG"))
+            save(cls, "gray.jpg", pil(rgb.convert("L"), "JPEG"))
+            save(cls, "cmyk.jpeg", pil(rgb.convert("CMYK"), "JPEG"))
+            save(cls, "palette.png", pil(rgb.convert("P"), "PNG"))
+            save(cls, "rgba.png", pil(rgb.convert("RGBA"), "PNG"))
+            save(cls, "sixteen_bit.png", pil(sixteen, "PNG"))
+            save(cls, "animated.jpg", lambda p: frames[0].save(p, format="GIF", save_all=True,
+                                                               append_images=frames[1:]))
+            save(cls, "tiny.png", pil(rgb.resize((1, 1)), "PNG"))
+            save(cls, "ünïcødé näme.jpg", jpeg)
+        for cls in ("mixed", "all_bad"):
+            save(cls, "truncated.JPEG", jpeg[: len(jpeg) // 2], "truncated")
+            save(cls, "zero_bytes.jpg", b"", "empty file")
+            save(cls, "text.jpg", b"this is not an image\n", "not a decodable image")
+            save(cls, "huge.png", pil(Image.new("1", (3000, 2000)), "PNG"), "megapixels")
+        os.symlink(root / "nowhere.jpg", root / "mixed" / "broken_link.jpg")
+        return cases
+
+    return make

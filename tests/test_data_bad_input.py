@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from hjepa.data.decode import UnreadableImageError, decode_image
 from hjepa.data.folder import ImageFolder
 from hjepa.data.imagenet import ImageNet
-from hjepa.data.decode import UnreadableImageError, decode_image
 from hjepa.data.mixture import Mixture, normalize_weights
 from hjepa.data.synthetic import SyntheticShapes
 from hjepa.data.torchvision_sets import CIFAR10, CIFAR100, NETWORK_TIMEOUT_S, STL10
+from hjepa.data.transforms import eval_transform, train_transform
 from hjepa.errors import ConfigError, DataError
 
 WNID = "n01440764"
@@ -93,6 +95,90 @@ def test_unreadable_image_can_be_made_to_fail(odd_files):
         ds[1]
 
 
+# ---- a tree of pathological files (tests/conftest.py: make_bad_tree) ------------------------
+
+MAX_PIXELS = 4_000_000  # the tree's huge.png has 6 megapixels
+
+
+def test_every_file_of_a_bad_tree_decodes_to_rgb_uint8_or_names_its_problem(make_bad_tree, tmp_path):
+    cases = make_bad_tree(tmp_path)
+    for path, reason in cases.items():
+        if reason is None:
+            image = decode_image(path, max_pixels=MAX_PIXELS)
+            assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3, path.name
+        else:
+            with pytest.raises(UnreadableImageError, match=reason) as e:
+                decode_image(path, max_pixels=MAX_PIXELS)
+            assert str(path) in str(e.value)
+    sixteen = decode_image(tmp_path / "mixed" / "sixteen_bit.png")
+    gray = decode_image(tmp_path / "mixed" / "gray.jpg")
+    assert (sixteen.float() - gray.float()).abs().mean() < 3  # 16 bits -> their high byte, not noise
+
+
+@pytest.mark.parametrize("transform", ["train", "eval"])  # crop fused into the decode / full decode
+def test_training_reads_a_bad_tree_skipping_and_naming_every_bad_file(make_bad_tree, tmp_path, caplog, transform):
+    cases = make_bad_tree(tmp_path)
+    tf = train_transform(32, [0.3, 1.0], [0.75, 1.333], 0.5, 0.1) if transform == "train" else eval_transform(32)
+    with caplog.at_level(logging.WARNING, logger="hjepa.data.folder"):
+        ds = ImageFolder(str(tmp_path), "train", transform=tf, max_pixels=MAX_PIXELS)
+        items = [ds[i] for i in range(len(ds))]
+    bad = [p for p, reason in cases.items() if reason]
+    assert len(items) == len(ds) == len(cases)  # the broken symbolic link is not an item
+    assert all(image.dtype == torch.uint8 and image.shape == (3, 32, 32) for image, _ in items)
+    # An unreadable item is replaced by the next readable one: a skip per bad file passed over.
+    unreadable = [cases[Path(path)] is not None for path, _ in ds.samples]
+    passes = sum(next(k for k in range(len(ds)) if not unreadable[(i + k) % len(ds)]) for i in range(len(ds)))
+    assert ds.num_skipped == passes + 1  # and the broken link, once
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for path in [*bad, tmp_path / "mixed" / "broken_link.jpg"]:
+        assert str(path) in logged
+    assert "broken symbolic link" in logged
+
+    strict = ImageFolder(str(tmp_path), "train", transform=tf, on_error="raise", max_pixels=MAX_PIXELS)
+    for i, (path, _) in enumerate(strict.samples):
+        if cases[Path(path)] is None:
+            strict[i]
+        else:
+            with pytest.raises(DataError, match=cases[Path(path)]) as e:
+                strict[i]
+            assert path in str(e.value)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14000, 14000)).save(bomb)  # 196 megapixels in 24 kB: 588 MB as RGB
+    with pytest.raises(UnreadableImageError, match=r"14000x14000 = 196\.0 megapixels, more than dataset\.max_pixels"):
+        decode_image(bomb)
+    with pytest.raises(ConfigError, match="dataset.max_pixels: expected a positive int"):
+        ImageFolder(str(tmp_path), "train", max_pixels=0)
+
+
+def test_listing_names_loops_and_unreadable_folders(make_bad_tree, tmp_path, monkeypatch):
+    root = tmp_path / "tree"
+    make_bad_tree(root)
+    os.symlink(root / "loop", root / "loop")  # a class entry that is a symbolic link loop
+    with pytest.raises(DataError, match=f"{root / 'loop'}: Too many levels of symbolic links"):
+        ImageFolder(str(root), "train")
+    os.unlink(root / "loop")
+
+    scandir = os.scandir
+    def refuse(path):  # root reads every folder: simulate one it may not list
+        if str(path).endswith("odd_but_fine"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(DataError, match=f"cannot list {root / 'odd_but_fine'}: Permission denied"):
+        ImageFolder(str(root), "train")
+
+
+def test_every_empty_class_is_named_at_once(real_jpeg, tmp_path):
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "b" / "x.jpg").write_bytes(real_jpeg.read_bytes())
+    with pytest.raises(DataError, match=r"3 of the 4 class folders in .* contain no images: a, c, d"):
+        ImageFolder(str(tmp_path), "train")
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_skips_in_loader_workers_are_counted(odd_files, context):
     folder, _ = odd_files
@@ -144,7 +230,7 @@ def test_empty_class_folder(real_jpeg, tmp_path):
     os.symlink(real_jpeg, tmp_path / "train" / WNID / real_jpeg.name)
     (tmp_path / "train" / "n01443537" / "notes.txt").write_text("no images here")
     for build in (lambda: ImageNet(str(tmp_path), "train"), lambda: ImageFolder(str(tmp_path / "train"), "train")):
-        with pytest.raises(DataError, match=r"class folder .*n01443537 contains no images"):
+        with pytest.raises(DataError, match=r"1 of the 2 class folders in .*train contain no images: n01443537"):
             build()
 
 

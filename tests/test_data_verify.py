@@ -1,6 +1,9 @@
 """`python -m hjepa.data.verify`: the report on real data, exit status, and no files written."""
 
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +35,11 @@ def test_imagenet100_report(imagenet_root, run_verify):
     ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}")
     assert ok, out
     lines = out.splitlines()
-    assert "GiB free" in lines[0] and str(imagenet_root) in lines[0]
+    assert str(imagenet_root) in lines[0]
     assert lines[1].split() == ["split", "classes", "missing", "images", "per", "class", "unlabeled", "unreadable"]
     assert lines[2].split() == ["train", "100/100", "0", "100", "1-1", "0", "0"]
     assert lines[3].split() == ["val", "100/100", "0", "100", "1-1", "0", "0"]
+    assert lines[4].startswith("  disk: ") and "GiB free at" in lines[4] and "needs" not in lines[4]  # present
     assert lines[-1] == "usable"
 
 
@@ -102,3 +106,49 @@ def test_command_line_exit_status_and_no_files_written(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert not any(cwd.iterdir())
     assert (sorted(os.listdir(ROOT / "outputs")) if (ROOT / "outputs").exists() else []) == before
+
+
+def test_verify_decodes_as_training_does_and_names_every_bad_file(make_bad_tree, tmp_path, run_verify):
+    cases = make_bad_tree(tmp_path / "tree")
+    base = ["dataset=image_folder", f"dataset.root={tmp_path / 'tree'}", "dataset.max_pixels=4000000"]
+    ok, out = run_verify(*base, full=True)
+    assert not ok and out.splitlines()[-1].startswith("NOT usable")
+    assert "train: no readable image in class(es) all_bad" in out
+    for path, reason in cases.items():  # the odd but valid files (16-bit, animated, CMYK...) are not listed
+        assert (f"unreadable {path}: " in out) == (reason is not None), path
+    assert f"unreadable {tmp_path / 'tree' / 'mixed' / 'broken_link.jpg'}: broken symbolic link" in out
+    # Without decoding, the header checks find the empty, non-image and oversized files.
+    ok, out = run_verify(*base)
+    for name in ("zero_bytes.jpg", "text.jpg", "huge.png", "broken_link.jpg"):
+        assert f"/mixed/{name}: " in out, name
+    assert "megapixels, more than dataset.max_pixels" in out
+
+
+def test_a_dataset_with_no_readable_image_is_not_usable(make_bad_tree, tmp_path, run_verify):
+    make_bad_tree(tmp_path / "tree")
+    for cls in ("mixed", "odd_but_fine"):
+        shutil.rmtree(tmp_path / "tree" / cls)
+    ok, out = run_verify("dataset=image_folder", f"dataset.root={tmp_path / 'tree'}", "dataset.max_pixels=4000000",
+                         full=True)
+    assert not ok and "train: not one readable image" in out
+
+
+def test_every_broken_split_is_reported(imagenet_root, run_verify):
+    shutil.rmtree(imagenet_root / "train")  # the pretraining split is gone: val is still checked
+    for wnid in ("n01558993", "n01692333"):
+        shutil.rmtree(imagenet_root / "val" / wnid)
+    ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}")
+    assert not ok
+    assert "train: ImageNet train folder" in out and "does not exist" in out
+    assert "val: 2 of the 100 ImageNet-100 classes have no folder" in out
+
+
+def test_verify_never_downloads_and_compares_free_space_with_what_is_needed(tmp_path, run_verify, monkeypatch):
+    connections = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: connections.append(a))
+    ok, out = run_verify("dataset=cifar10", f"dataset.root={tmp_path / 'cifar'}")  # download: true in the config
+    assert not ok and connections == [] and not (tmp_path / "cifar").exists()
+    assert "CIFAR-10 not found" in out
+    assert re.search(r"disk: [\d.]+ GiB free at .*; getting this dataset needs about 0\.3 GiB \(enough\)", out)
+    ok, out = run_verify("dataset=imagenet100", f"dataset.root={tmp_path / 'imagenet'}")
+    assert re.search(r"needs about 14\.4 GiB \((enough|NOT enough: [\d.]+ GiB short)\)", out)

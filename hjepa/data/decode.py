@@ -3,7 +3,10 @@
 torchvision.io decodes JPEG/PNG/WebP/GIF straight into uint8 tensors (faster than PIL per
 image here, and it feeds transforms.v2 without a PIL round trip); PIL covers what it cannot
 read (BMP, exotic JPEG variants). The format is sniffed from the content, so a PNG named
-.JPEG loads fine. ``decode_resized_crop`` fuses a RandomResizedCrop into the decode: the box
+.JPEG loads fine. Whatever the file holds, the result is an RGB uint8 image or an
+UnreadableImageError naming the file: an animated image gives its first frame, a 16-bit PNG
+its high bytes, and an image of more than `max_pixels` (read from its header, before any
+decoding: a decompression bomb) is refused. ``decode_resized_crop`` fuses a RandomResizedCrop into the decode: the box
 is drawn from the header first, and JPEGs are decoded at 1/2..1/8 size in the DCT domain
 when the box allows it without losing resolution (measured in experiments/performance).
 """
@@ -22,13 +25,16 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from hjepa.data.transforms import crop_box
-from hjepa.errors import DataError
+from hjepa.errors import ConfigError, DataError
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call;
 # they remain the fastest path installed, with PIL behind them.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Images above this many pixels are refused unread (dataset.max_pixels): a 64-megapixel RGB
+# image decodes to 192 MB, per loader worker. ImageNet's largest are about 12 megapixels.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 # Leading bytes of the formats we accept (checked by verify without decoding).
 _MAGIC = {
@@ -65,28 +71,74 @@ def read_bytes(path: str | Path) -> torch.Tensor:
         raise UnreadableImageError(f"{path}: cannot read ({_first_line(e)})") from None
 
 
-def decode_image(path: str | Path) -> torch.Tensor:
+def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor [3, H, W] (grayscale, CMYK, palette -> RGB).
 
-    Raises UnreadableImageError for empty, truncated or non-image files.
+    Raises UnreadableImageError for empty, truncated, oversized or non-image files.
     """
-    return decode_bytes(read_bytes(path), str(path))
+    return decode_bytes(read_bytes(path), str(path), max_pixels)
 
 
-def decode_bytes(data: torch.Tensor, name: str) -> torch.Tensor:
+def decode_bytes(data: torch.Tensor, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """decode_image for bytes already read (uint8 tensor); `name` is used in error messages."""
     if data.numel() == 0:
         raise UnreadableImageError(f"{name}: empty file (0 bytes)")
+    check_pixels(image_size(data), name, max_pixels)
     try:
-        return _tv_decode(data, mode=ImageReadMode.RGB)
+        return _as_rgb_uint8(_tv_decode(data, mode=ImageReadMode.RGB), name)
     except RuntimeError as e:
         tv_error = _first_line(e)
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            check_pixels((im.height, im.width), name, max_pixels)
             rgb = im.convert("RGB")  # forces a full decode: truncated files fail here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL raises all of these
         raise UnreadableImageError(f"{name}: not a decodable image ({tv_error})") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def _as_rgb_uint8(image: torch.Tensor, name: str) -> torch.Tensor:
+    """torchvision's decode as a [3, H, W] uint8 image: the first frame of an animation, the
+    high byte of 16-bit samples; anything else that is not RGB uint8 is unreadable."""
+    if image.dim() == 4:  # an animated GIF or WebP: [frames, 3, H, W]
+        image = image[0]
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+        raise UnreadableImageError(f"{name}: decodes to {image.dtype} {tuple(image.shape)}, not an RGB image")
+    return image
+
+
+def image_size(data: torch.Tensor) -> tuple[int, int] | None:
+    """(height, width) from the header of a JPEG, PNG, GIF or BMP (microseconds, no decode);
+    for other formats from PIL's lazy open; None when no header says."""
+    head = data[:32].numpy().tobytes()
+    if head[:3] == b"\xff\xd8\xff":
+        return jpeg_size(data)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(head[8:10], "little"), int.from_bytes(head[6:8], "little")
+    if head[:2] == b"BM" and len(head) >= 26:
+        return abs(int.from_bytes(head[22:26], "little", signed=True)), int.from_bytes(head[18:22], "little", signed=True)
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            return im.height, im.width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def check_max_pixels(max_pixels: int) -> int:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"dataset.max_pixels: expected a positive int, got {max_pixels!r}")
+    return max_pixels
+
+
+def check_pixels(size: tuple[int, int] | None, name: str, max_pixels: int) -> None:
+    if size is not None and size[0] * size[1] > max_pixels:
+        h, w = size
+        raise UnreadableImageError(f"{name}: {w}x{h} = {w * h / 1e6:.1f} megapixels, more than dataset.max_pixels="
+                                   f"{max_pixels} (a decompression bomb, or raise the limit)")
 
 
 def jpeg_reduction(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
@@ -125,7 +177,8 @@ def jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
-def decode_resized_crop(data: torch.Tensor, crop: v2.RandomResizedCrop, name: str) -> torch.Tensor:
+def decode_resized_crop(data: torch.Tensor, crop: v2.RandomResizedCrop, name: str,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """``crop(decode_bytes(data))``, decoding a JPEG at a reduced size where the crop allows.
 
     The crop box is drawn first, from the image size in the header, with the transform's own
@@ -138,15 +191,16 @@ def decode_resized_crop(data: torch.Tensor, crop: v2.RandomResizedCrop, name: st
     out_h, out_w = crop.size
     size = jpeg_size(data)
     if size is None:  # not a JPEG (or an odd one): the plain path, the same draws
-        image = decode_bytes(data, name)
+        image = decode_bytes(data, name, max_pixels)
         box = crop.make_params([image])
         return F.resized_crop(image, **box, size=list(crop.size), interpolation=crop.interpolation,
                               antialias=crop.antialias)
+    check_pixels(size, name, max_pixels)
     height, width = size
     box = crop_box(crop, height, width)
     r = jpeg_reduction(box["height"], box["width"], out_h, out_w)
     if r == 1:
-        image = decode_bytes(data, name)
+        image = decode_bytes(data, name, max_pixels)
         if tuple(image.shape[-2:]) != (height, width):  # header and decoder disagree: redraw on the truth
             box = crop.make_params([image])
         return F.resized_crop(image, **box, size=list(crop.size), interpolation=crop.interpolation,

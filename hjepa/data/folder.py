@@ -8,57 +8,97 @@ import multiprocessing
 import os
 import random
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from hjepa.data.cache import ImageCache, check_cache_mode
-from hjepa.data.decode import IMAGE_EXTENSIONS, UnreadableImageError, decode_image, decode_resized_crop, read_bytes
+from hjepa.data.decode import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImageError, check_max_pixels,
+                               decode_image, decode_resized_crop, read_bytes)
 from hjepa.data.transforms import split_crop
-from hjepa.errors import ConfigError, DataError
+from hjepa.errors import ConfigError, DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
 # A run of this many unreadable files in a row means a broken dataset, not a few bad files.
 MAX_CONSECUTIVE_SKIPS = 50
+MAX_NAMED = 10  # skipped entries named one by one in the log
 
 
 def existing_dir(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise DataError(f"{what} {path} does not exist" + (" (it is a file)" if path.exists() else ""))
+        raise MissingDataError(f"{what} {path} does not exist" + (" (it is a file)" if path.exists() else ""))
     return path
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The (non-hidden) entries of `folder`; a DataError naming it when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return [e for e in entries if not e.name.startswith(".")]
+    except OSError as e:
+        raise DataError(f"cannot list {folder}: {e.strerror or e}") from None
+
+
+def _broken(entry: os.DirEntry) -> str | None:
+    """Why an entry that looks like an image file is not one, or None when it is a file."""
+    try:
+        if entry.is_file():
+            return None
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            return f"broken symbolic link to {os.readlink(entry.path)}"
+        return "not a regular file"
+    except OSError as e:  # ELOOP: a symbolic link loop
+        return e.strerror or str(e)
 
 
 def class_dirs(folder: Path) -> list[str]:
     """Sorted names of the (non-hidden) sub-folders of `folder`."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    names = []
+    for e in _entries(folder):
+        try:
+            if e.is_dir():
+                names.append(e.name)
+        except OSError as err:  # a symbolic link loop, or a link into an unreadable place
+            raise DataError(f"{e.path}: {err.strerror or err} (expected a class folder or an image file)") from None
+    return sorted(names)
 
 
-def list_images(folder: Path) -> list[str]:
-    """Sorted paths of the image files directly in `folder` (extension case-insensitive)."""
-    with os.scandir(folder) as entries:
-        return sorted(
-            e.path
-            for e in entries
-            if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") and e.is_file()
-        )
+def list_images(folder: Path, skipped: Optional[list[tuple[str, str]]] = None) -> list[str]:
+    """Sorted paths of the image files directly in `folder` (extension case-insensitive).
+    Entries with an image extension that are not readable files (broken or looping symbolic
+    links, folders) are appended to `skipped` as (path, reason)."""
+    files = []
+    for e in _entries(folder):
+        if not e.name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        reason = _broken(e)
+        if reason is None:
+            files.append(e.path)
+        elif skipped is not None:
+            skipped.append((e.path, reason))
+    return sorted(files)
 
 
-def class_samples(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, label) for every image of folder/<class>/, label = index in `classes`."""
-    samples = []
+def class_samples(folder: Path, classes: list[str]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """((path, label) for every image of folder/<class>/, label = index in `classes`;
+    (path, reason) of the entries skipped). A DataError names every class without images."""
+    samples: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    empty = []
     for label, name in enumerate(classes):
-        files = list_images(folder / name)
+        files = list_images(folder / name, skipped)
         if not files:
-            raise DataError(
-                f"class folder {folder / name} contains no images "
-                f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)}, any case)"
-            )
+            empty.append(name)
         samples += [(f, label) for f in files]
-    return samples
+    if empty:
+        raise DataError(
+            f"{len(empty)} of the {len(classes)} class folders in {folder} contain no images: {name_few(empty, 10)} "
+            f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+    return samples, skipped
 
 
 class FileDataset(Dataset):
@@ -86,10 +126,20 @@ class FileDataset(Dataset):
         transform: Optional[Callable] = None,
         on_error: Literal["skip", "raise"] = "skip",
         cache: Literal["none", "memory", "device"] = "none",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        unlisted: Sequence[tuple[str, str]] = (),
     ):
         if on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error: expected 'skip' or 'raise', got {on_error!r}")
         self.samples = samples
+        self.max_pixels = max_pixels
+        # Entries that look like images but are none (broken symbolic links, ...): counted
+        # as skipped from the start, and named once.
+        self.unlisted = list(unlisted)
+        for path, why in self.unlisted[:MAX_NAMED]:
+            log.warning("skipped %s: %s", path, why)
+        if len(self.unlisted) > MAX_NAMED:
+            log.warning("... and %d more entries that are not image files", len(self.unlisted) - MAX_NAMED)
         self.targets = [label for _, label in samples]
         self.classes = classes
         self.transform = transform
@@ -104,7 +154,7 @@ class FileDataset(Dataset):
             labels = list(self.targets)
 
             def load(index: int) -> torch.Tensor:
-                image, labels[index] = self._read(index, decode_image)
+                image, labels[index] = self._read(index, lambda path: decode_image(path, max_pixels))
                 return image
 
             key = ("files", on_error, tuple(path for path, _ in samples))
@@ -113,7 +163,7 @@ class FileDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        return self._skipped.value
+        return len(self.unlisted) + self._skipped.value
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -126,12 +176,22 @@ class FileDataset(Dataset):
             return self.cache.item(index, self.transform), self._cached_labels[index]
         return self._read(index, self._decode)
 
+    def problem(self, index: int) -> Optional[str]:
+        """Why training cannot turn item `index` into an image, or None when it can: the
+        decode and transform of __getitem__, without skipping (hjepa.data.verify +full)."""
+        path = self.samples[index][0]
+        try:
+            self._decode(path)
+        except UnreadableImageError as e:
+            return str(e).removeprefix(f"{path}: ")
+        return None
+
     def _decode(self, path: str) -> torch.Tensor:
         if self._crop is not None:
             crop, rest = self._crop
-            image = decode_resized_crop(read_bytes(path), crop, path)
+            image = decode_resized_crop(read_bytes(path), crop, path, self.max_pixels)
             return rest(image) if rest is not None else image
-        image = decode_image(path)
+        image = decode_image(path, self.max_pixels)
         return self.transform(image) if self.transform is not None else image
 
     def _read(self, index: int, decode: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -171,7 +231,9 @@ class ImageFolder(FileDataset):
         seed: int = 0,
         on_error: Literal["skip", "raise"] = "skip",
         cache: Literal["none", "memory", "device"] = "none",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
+        check_max_pixels(max_pixels)
         root_dir = existing_dir(root, "image folder root")
         classes = class_dirs(root_dir)
         if not classes:
@@ -198,12 +260,12 @@ class ImageFolder(FileDataset):
                     f"{val_dir} must have the same class folders as {root_dir}: "
                     f"missing {name_few(missing)}; not in root {name_few(extra)}"
                 )
-            samples = class_samples(val_dir, classes)
+            samples, unlisted = class_samples(val_dir, classes)
         else:
-            samples = class_samples(root_dir, classes)
+            samples, unlisted = class_samples(root_dir, classes)
             if holdout:
                 samples = _split_holdout(samples, classes, holdout, seed, keep=split)
-        super().__init__(samples, classes, transform, on_error, cache)
+        super().__init__(samples, classes, transform, on_error, cache, max_pixels, unlisted)
 
 
 def _split_holdout(

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from hjepa.data.folder import FileDataset, name_few, class_dirs, class_samples
-from hjepa.data.decode import IMAGE_EXTENSIONS
-from hjepa.errors import ConfigError, DataError
+from hjepa.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, check_max_pixels
+from hjepa.errors import ConfigError, DataError, MissingDataError
 
 # The CMC ImageNet-100 list (Tian et al. 2019), shipped with the package.
 IMAGENET100_FILE = Path(__file__).with_name("imagenet100.txt")
@@ -63,15 +63,17 @@ class ImageNet(FileDataset):
         transform: Optional[Callable] = None,
         subset: Optional[str] = None,
         on_error: Literal["skip", "raise"] = "skip",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
+        check_max_pixels(max_pixels)
         root_dir = Path(root).expanduser()
         if not root_dir.is_dir():
-            raise DataError(f"ImageNet root {root_dir} does not exist. {HOW_TO_GET}")
+            raise MissingDataError(f"ImageNet root {root_dir} does not exist. {HOW_TO_GET}")
         if split not in ("train", "val"):
             raise ConfigError(f"split: expected 'train' or 'val', got {split!r}")
         split_dir = root_dir / split
         if not split_dir.is_dir():
-            raise DataError(f"ImageNet {split} folder {split_dir} does not exist. {HOW_TO_GET}")
+            raise MissingDataError(f"ImageNet {split} folder {split_dir} does not exist. {HOW_TO_GET}")
 
         if subset is None:
             # The class list comes from train/ so that val labels match train labels.
@@ -87,7 +89,8 @@ class ImageNet(FileDataset):
                 split_dir,
                 f"{len(missing)} of the {len(wnids)} {name} classes have no folder in {split_dir}: {name_few(missing)}",
             )
-        super().__init__(class_samples(split_dir, wnids), wnids, transform, on_error)
+        samples, unlisted = class_samples(split_dir, wnids)
+        super().__init__(samples, wnids, transform, on_error, max_pixels=max_pixels, unlisted=unlisted)
 
     @staticmethod
     def _raise_layout(split_dir: Path, problem: str) -> None:

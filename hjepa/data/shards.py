@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from hjepa.data.cache import ImageCache, check_cache_mode
 from hjepa.data.decode import UnreadableImageError, decode_bytes, decode_resized_crop
 from hjepa.data.transforms import split_crop
-from hjepa.errors import DataError
+from hjepa.errors import DataError, MissingDataError
 
 FORMAT = "hjepa-prepared/1"
 INDEX = "index.json"
@@ -104,7 +104,7 @@ class PreparedDataset(Dataset):
     ):
         root_dir = Path(root).expanduser()
         if not root_dir.is_dir():
-            raise DataError(f"prepared dataset root {root_dir} does not exist "
+            raise MissingDataError(f"prepared dataset root {root_dir} does not exist "
                             "(write it with python -m hjepa.data.prepare --root <images> --out <root>)")
         index = read_index(root_dir)
         if split not in index["splits"]:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_and_extract_archive
 
 from hjepa.data.cache import DecodedImages, ImageCache, check_cache_mode
-from hjepa.errors import ConfigError, DataError
+from hjepa.errors import ConfigError, DataError, MissingDataError
 
 NETWORK_TIMEOUT_S = 5.0
 
@@ -38,20 +38,20 @@ def fetch(root: str, tv_class: type, name: str, files: list[str], download: bool
         f"Get {tv_class.url} and extract it into {Path(root).expanduser()}"
     )
     if not download:
-        raise DataError(f"{manual}, or set download: true to let torchvision fetch it.")
+        raise MissingDataError(f"{manual}, or set download: true to let torchvision fetch it.")
     # Probe the server with a short timeout first: on a machine without network a plain
     # download can hang for minutes before failing.
     url = urlparse(tv_class.url)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), NETWORK_TIMEOUT_S).close()
     except OSError as e:
-        raise DataError(f"{manual}. Downloading it failed: cannot reach {url.hostname} ({e}).") from None
+        raise MissingDataError(f"{manual}. Downloading it failed: cannot reach {url.hostname} ({e}).") from None
     try:
         download_and_extract_archive(tv_class.url, str(base.parent), filename=tv_class.filename, md5=tv_class.tgz_md5)
     except Exception as e:  # urllib, http.client, tarfile and checksum errors alike
-        raise DataError(f"{manual}. Downloading it failed: {e}") from None
+        raise MissingDataError(f"{manual}. Downloading it failed: {e}") from None
     if not all((base / f).is_file() for f in files):
-        raise DataError(f"{manual}. The downloaded archive did not contain them.")
+        raise MissingDataError(f"{manual}. The downloaded archive did not contain them.")
     return base
 
 

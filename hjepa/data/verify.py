@@ -5,87 +5,140 @@
 
 For every split a run uses (pretraining, labeled and eval split) it prints the classes found
 and missing, image counts (total, min and max per class, unlabeled), unreadable files and
-the free disk space at the root; absent or misplaced data are reported with how to obtain
-or fix them. Files are checked cheaply (empty, or leading bytes of no known image format);
-`+full=true` decodes every image. Exit status 0 when usable, 1 otherwise. It writes nothing:
-no run directory, no .hydra/ copy, no log file.
+the free disk space at the root, compared with what an absent dataset needs; absent or
+misplaced data are reported with how to obtain or fix them, every broken split and every
+class without a readable image, not only the first. Files are checked cheaply (empty, no
+known image format in their leading bytes, more pixels than dataset.max_pixels in their
+header); `+full=true` decodes every image exactly as training does (the run's train
+transform on the pretraining split, the eval transform on the others). Exit status 0 when
+usable, 1 otherwise. It writes nothing and downloads nothing: no run directory, no .hydra/
+copy, no log file.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import hydra
+import hydra.utils
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from hjepa.config import build, dataset_configs
-from hjepa.data.decode import UnreadableImageError, decode_image, sniff_format
+from hjepa.data.decode import UnreadableImageError, check_pixels, image_size, sniff_format
 from hjepa.data.folder import FileDataset
-from hjepa.errors import HJEPAError
+from hjepa.data.transforms import eval_transform
+from hjepa.errors import HJEPAError, MissingDataError
 
 MAX_LISTED = 10
 COLUMNS = ("split", "classes", "missing", "images", "per class", "unlabeled", "unreadable")
+HEADER_BYTES = 65536  # enough for a JPEG's size after its EXIF block
+
+# What an absent dataset needs on disk: the download plus what it unpacks to (bytes).
+NEEDS = {
+    "CIFAR10": 170_498_071 + 178_000_000,
+    "CIFAR100": 169_001_437 + 178_000_000,
+    "STL10": 2_640_397_119 + 3_100_000_000,
+    "ImageNet": 147_897_477_120 + 6_744_924_160,  # ILSVRC2012 train + val tars, kept unpacked
+}
+IMAGENET_CLASSES = 1000
 
 
 def verify(cfg: DictConfig, full: bool = False) -> bool:
     """Print the report for every dataset of `cfg`; True when all of them are usable."""
-    results = [verify_dataset(name, node, full) for name, node in _dataset_nodes(cfg).items()]
+    transforms = {"train": build(cfg.transform), "eval": eval_transform(cfg.image_size)}
+    results = [verify_dataset(name, node, full, transforms) for name, node in _dataset_nodes(cfg).items()]
     ok = all(results)
     print("usable" if ok else "NOT usable: see the messages above")
     return ok
 
 
-def verify_dataset(name: str, node: DictConfig, full: bool = False) -> bool:
+def verify_dataset(name: str, node: DictConfig, full: bool, transforms: dict[str, Callable]) -> bool:
+    cls = hydra.utils.get_class(node._target_)
+    # Never download, never decode a whole cache: verify only looks.
+    params = inspect.signature(cls).parameters
+    offline = {k: v for k, v in (("download", False), ("cache", "none")) if k in params}
     root = node.get("root")
-    where = f" at {Path(root).expanduser().resolve()} ({_free_disk(Path(root).expanduser())} free)" if root else ""
-    print(f"{name}: {node._target_}{where}")
-    try:
-        dataset = build(node)
-    except HJEPAError as e:
-        print(f"  {node.get('split', '')}: {e}")
-        return False
-    splits = list(dict.fromkeys(s for s in (node.get("split"), dataset.labeled_split, dataset.eval_split) if s))
-    rows, problems, ok = [COLUMNS], [], True
-    for split in splits:
+    print(f"{name}: {node._target_}" + (f" at {Path(root).expanduser().resolve()}" if root else ""))
+    rows, problems, ok, absent = [COLUMNS], [], True, False
+    own = node.get("split")
+    splits = [own] if own else []
+    for split in [own, cls.labeled_split, getattr(cls, "eval_split", None)]:
+        if split and split not in splits:
+            splits.append(split)
+    checked = set()
+    while splits:
+        split = splits.pop(0)
+        checked.add(split)
+        transform = transforms["train" if split == own else "eval"] if full else None
         try:
-            ds = dataset if split == node.get("split") else build(node, split=split)
+            ds = build(node, split=split, transform=transform, **offline)
         except HJEPAError as e:
             problems.append(f"  {split}: {e}")
+            absent |= isinstance(e, MissingDataError)
             ok = False
             continue
-        per_class = collections.Counter(t for t in ds.targets if t >= 0)
-        unreadable = _unreadable(ds, full)
-        counts = [per_class.get(c, 0) for c in range(len(ds.classes))]
-        missing = [ds.classes[c] for c, n in enumerate(counts) if n == 0]
-        rows.append((
-            split,
-            f"{len(ds.classes) - len(missing)}/{len(ds.classes)}",
-            str(len(missing)),
-            str(len(ds)),
-            f"{min(counts)}-{max(counts)}" if per_class else "-",
-            str(len(ds) - sum(counts)),
-            "-" if unreadable is None else str(len(unreadable)),
-        ))
-        if missing:
-            problems.append(f"  {split}: no images for class(es) {', '.join(map(str, missing[:MAX_LISTED]))}")
-        for path, why in (unreadable or [])[:MAX_LISTED]:
-            problems.append(f"  {split}: unreadable {path}: {why}")
-        if unreadable and len(unreadable) > MAX_LISTED:
-            problems.append(f"  {split}: ... and {len(unreadable) - MAX_LISTED} more unreadable files")
-        if unreadable and ds.on_error == "raise":
-            problems.append(f"  {split}: on_error is 'raise', so training stops at the first of them")
-            ok = False
+        if ds.eval_split and ds.eval_split not in checked and ds.eval_split not in splits:
+            splits.append(ds.eval_split)  # known once built (an image folder's holdout or val_root)
+        row, split_problems, usable = _check_split(split, ds, full)
+        rows.append(row)
+        problems += split_problems
+        ok &= usable
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     for row in rows if len(rows) > 1 else []:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for line in problems:
         print(line)
+    if root:
+        print(f"  disk: {_disk_report(Path(root).expanduser(), _needs(node) if absent else None)}")
     return ok
+
+
+def _check_split(split: str, ds: Any, full: bool) -> tuple[tuple[str, ...], list[str], bool]:
+    """(table row, problems, usable?) of one built split."""
+    unreadable = _unreadable(ds, full)
+    bad = {path for path, _ in unreadable or []}
+    per_class = collections.Counter(t for t in ds.targets if t >= 0)
+    readable = per_class
+    if isinstance(ds, FileDataset):
+        readable = collections.Counter(t for path, t in ds.samples if t >= 0 and path not in bad)
+    counts = [per_class.get(c, 0) for c in range(len(ds.classes))]
+    missing = [ds.classes[c] for c, n in enumerate(counts) if n == 0]
+    unreadable_only = [ds.classes[c] for c in range(len(ds.classes)) if counts[c] and not readable.get(c)]
+    row = (
+        split,
+        f"{len(ds.classes) - len(missing)}/{len(ds.classes)}",
+        str(len(missing)),
+        str(len(ds)),
+        f"{min(counts)}-{max(counts)}" if per_class else "-",
+        str(len(ds) - sum(counts)),
+        "-" if unreadable is None else str(len(unreadable)),
+    )
+    problems, usable = [], True
+    if missing:
+        problems.append(f"  {split}: no images for class(es) {', '.join(map(str, missing[:MAX_LISTED]))}")
+        usable = False
+    if unreadable_only:
+        problems.append(f"  {split}: no readable image in class(es) {', '.join(map(str, unreadable_only[:MAX_LISTED]))}"
+                        + (f" and {len(unreadable_only) - MAX_LISTED} more" if len(unreadable_only) > MAX_LISTED else ""))
+        usable = False
+    if len(ds) and unreadable is not None and len(unreadable) >= len(ds):
+        problems.append(f"  {split}: not one readable image")
+        usable = False
+    for path, why in (unreadable or [])[:MAX_LISTED]:
+        problems.append(f"  {split}: unreadable {path}: {why}")
+    if unreadable and len(unreadable) > MAX_LISTED:
+        problems.append(f"  {split}: ... and {len(unreadable) - MAX_LISTED} more unreadable files")
+    if unreadable and ds.on_error == "raise":
+        problems.append(f"  {split}: on_error is 'raise', so training stops at the first of them")
+        usable = False
+    return row, problems, usable
 
 
 def _dataset_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -94,39 +147,62 @@ def _dataset_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
     return dataset_configs(cfg, choice)
 
 
-def _unreadable(ds: Any, full: bool) -> list[tuple[str, str]] | None:
-    """(path, reason) of the files of a file-backed dataset that cannot be read; None for
-    datasets without files (in-memory or generated)."""
+def _unreadable(ds: Any, full: bool) -> Optional[list[tuple[str, str]]]:
+    """(path, reason) of the entries of a file-backed dataset that training would skip; None
+    for datasets without files (in memory or generated). `full`: decode each item exactly as
+    training does; else check what the first bytes say."""
     if not isinstance(ds, FileDataset):
         return None
-    bad = []
-    for path, _label in ds.samples:
-        if full:
-            try:
-                decode_image(path)
-            except UnreadableImageError as e:
-                bad.append((path, str(e).removeprefix(f"{path}: ")))
-            continue
-        try:
-            with open(path, "rb") as f:
-                header = f.read(12)
-        except OSError as e:
-            bad.append((path, f"cannot open ({e.strerror})"))
-            continue
-        if not header:
-            bad.append((path, "empty file (0 bytes)"))
-        elif sniff_format(header) is None:
-            bad.append((path, "not an image (unknown format)"))
+    bad = list(ds.unlisted)
+    for index, (path, _label) in enumerate(ds.samples):
+        why = ds.problem(index) if full else _header_problem(path, ds.max_pixels)
+        if why:
+            bad.append((path, why))
     return bad
 
 
-def _free_disk(path: Path) -> str:
+def _header_problem(path: str, max_pixels: int) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+    except OSError as e:
+        return f"cannot open ({e.strerror})"
+    if not header:
+        return "empty file (0 bytes)"
+    if sniff_format(header[:12]) is None:
+        return "not an image (unknown format)"
+    try:
+        check_pixels(image_size(torch.frombuffer(bytearray(header), dtype=torch.uint8)), path, max_pixels)
+    except UnreadableImageError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
+
+
+def _needs(node: DictConfig) -> Optional[int]:
+    name = str(node._target_).rsplit(".", 1)[-1]
+    need = NEEDS.get(name)
+    if need is not None and name == "ImageNet" and node.get("subset"):
+        from hjepa.data.imagenet import read_wnids
+
+        try:
+            need = need * len(read_wnids(node.subset)[0]) // IMAGENET_CLASSES  # only those classes, unpacked
+        except HJEPAError:
+            return None
+    return need
+
+
+def _disk_report(path: Path, needed: Optional[int]) -> str:
     while not path.exists() and path != path.parent:  # an absent root: where it would go
         path = path.parent
     try:
-        return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
+        free = shutil.disk_usage(path).free
     except OSError:
-        return "unknown"
+        return "free space unknown"
+    text = f"{free / 2**30:.1f} GiB free at {path}"
+    if needed is not None:
+        verdict = "enough" if free >= needed else f"NOT enough: {needed / 2**30 - free / 2**30:.1f} GiB short"
+        text += f"; getting this dataset needs about {needed / 2**30:.1f} GiB ({verdict})"
+    return text
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
