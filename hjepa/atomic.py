@@ -9,6 +9,7 @@ so that `stale_temporaries` can find what a killed writer left behind.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
@@ -30,6 +31,11 @@ def atomic_write(path: str | Path, data: Data) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        full = _disk_full(e)
+        if full is not None:  # torch.save reports it as a RuntimeError around the OSError
+            raise OSError(full.errno, full.strerror, str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -39,6 +45,18 @@ def atomic_write(path: str | Path, data: Data) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The "no space left" OSError in an exception's chain, if there is one."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def stale_temporaries(folder: str | Path) -> list[Path]:

@@ -25,5 +25,9 @@ class CheckpointError(HJEPAError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
+class OutputError(HJEPAError):
+    """The run's outputs cannot be written (a full disk, a read-only folder)."""
+
+
 class NonFiniteLossError(HJEPAError):
     """Training produced a NaN or infinite loss."""

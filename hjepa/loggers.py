@@ -47,7 +47,9 @@ class Logger:
             return
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_after(self.metrics_path, start_step)
+        torn = _truncate_after(self.metrics_path, start_step)
+        if torn:
+            print(f"repaired {self.metrics_path}: dropped {torn} torn line(s)", flush=True)
         self._file = open(self.metrics_path, "a", buffering=1)
         if self.show_progress:
             from tqdm.auto import tqdm
@@ -96,23 +98,39 @@ class Logger:
             print(message, flush=True)
 
     def close(self) -> None:
+        """Close every sink; also on the way out of a failure (a full disk fails the flush of
+        the metrics file again: that second error must not hide the first)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self._file = None
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint we resume from: they are redone."""
+def _truncate_after(path: Path, step: int) -> int:
+    """On resume, drop the records logged after the checkpoint we resume from (they are
+    redone), and any line that is not a whole record (torn by a kill or a full disk).
+    Returns how many torn lines were dropped."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        return 0
+    keep, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += bool(line.strip())
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
     atomic_write(path, "".join(line + "\n" for line in keep))
+    return torn
 
 
 def _start_wandb(logger: Logger, config: dict) -> Any:

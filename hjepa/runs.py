@@ -47,7 +47,8 @@ def eval_result(run_dir: Path, protocol: str) -> Path:
 
 @dataclass
 class Summary:
-    """summary.json. `status` running -> completed | interrupted (resumable) | failed."""
+    """summary.json. `status` running -> completed | interrupted (resumable) | failed. A
+    completed run's results are never overwritten by a rerun that does nothing or fails."""
 
     status: Status
     started: Optional[float] = None          # time.time() at the start of this process
@@ -66,7 +67,9 @@ class Summary:
     feature_std: Optional[float] = None
     feature_effective_rank: Optional[float] = None
     collapse_warning: Optional[str] = None
+    stopped_by: Optional[str] = None         # the signal that interrupted it: SIGUSR2 (preemption), SIGTERM, SIGINT
     error: Optional[str] = None
+    rerun_error: Optional[str] = None        # a later run of the same command failed; these results stand
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

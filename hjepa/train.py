@@ -7,6 +7,8 @@ This is the composition root: it validates the config, builds every object with
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,14 +21,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hjepa import runs
-from hjepa.atomic import atomic_write
+from hjepa.atomic import DISK_FULL, atomic_write
 from hjepa.config import build, dataset_configs, validate
 from hjepa.data.mixture import Mixture, normalize_weights
 from hjepa.data.transforms import eval_transform
 from hjepa.engine.distributed import DistInfo, barrier, broadcast, export_task_env, init_distributed, shutdown
-from hjepa.engine.preemption import PreemptionSignal
+from hjepa.engine.preemption import StopSignals
 from hjepa.engine.trainer import RunContext
-from hjepa.errors import ConfigError, HJEPAError
+from hjepa.errors import ConfigError, HJEPAError, OutputError
 from hjepa.eval.splits import labeled_splits
 from hjepa.runs import Summary
 
@@ -56,6 +58,13 @@ def train(cfg: DictConfig, run_dir: Path, dataset_name: Optional[str] = None) ->
         # Every rank resumes from and reports to rank 0's run directory (see `cli`).
         run_dir = Path(broadcast(str(Path(run_dir).absolute()), dist))
         return _train(cfg, run_dir, dataset_name, hardware, dist)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        last = runs.last_checkpoint(run_dir)
+        resume = f"; free some space and run the same command to resume from {last}" if last.exists() else ""
+        raise OutputError(f"no space left on device: writing {e.filename or run_dir} failed "
+                          f"({_free(run_dir)} free){resume}") from None
     finally:
         shutdown(dist)
         torch.set_num_threads(threads)
@@ -74,10 +83,14 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: Optional[str], hardware
     run = RunContext(run_dir, config=OmegaConf.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg),
                      seed=cfg.seed, dist=dist)
 
+    # A rerun of a completed run keeps its summary unless it trains further (hjepa.runs).
+    previous = runs.read_summary(run_dir)
+    rerun = previous is not None and previous.status == "completed"
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / runs.CONFIG, run.config_yaml)
-        runs.write_summary(run_dir, Summary(status="running", started=time.time()))
+        if not rerun:
+            runs.write_summary(run_dir, Summary(status="running", started=time.time()))
         params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
         print(f"hjepa: {cfg.model.arch} ({params:.1f}M params, {cfg.image_size}px, patch {cfg.patch_size}, "
               f"{len(cfg.model.levels)} level(s)) on {hardware.describe()}, {dist.world_size} process(es)")
@@ -90,10 +103,16 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: Optional[str], hardware
         monitor.attach(splits.train, splits.eval, device=hardware.device, num_workers=hardware.num_workers,
                        autocast=hardware.autocast)
 
-    with PreemptionSignal(trainer.request_stop) as preemption:
+    with StopSignals(trainer.request_stop) as signals:
         summary = trainer.fit(model, optimization, hardware, data, collator, logger, run,
                               callbacks=(monitor,) if monitor.every_epochs else ())
+    if rerun and summary.status == "completed" and summary.resumed_from_step == summary.steps:
+        if dist.is_main:
+            print(f"nothing to do: {run_dir} has completed its {summary.steps} steps; its summary is kept "
+                  f"({run_dir / runs.SUMMARY})")
+        return previous
     summary.mixture = data.stats()
+    summary.stopped_by = signals.name if summary.status == "interrupted" else None
     if dist.is_main:
         if summary.status == "completed" and monitor.at_end:
             _score_against_random_init(summary, monitor, model, cfg)
@@ -103,7 +122,7 @@ def _train(cfg: DictConfig, run_dir: Path, dataset_name: Optional[str], hardware
                   f"config:     {run_dir / runs.CONFIG}\nsummary:    {run_dir / runs.SUMMARY}")
     barrier(dist)
     if summary.status == "interrupted":
-        preemption.pass_on()  # under submitit: resubmit this job, requeue it and exit
+        signals.pass_on()  # the preemption signal under submitit: resubmit this job, requeue it and exit
     return summary
 
 
@@ -134,17 +153,51 @@ def main(cfg: DictConfig) -> Optional[float]:
                               "(mixture.components.<name>.dataset); choose one")
         summary = train(cfg, run_dir, dataset_name=hc.runtime.choices.get("dataset"))
     except HJEPAError as e:
-        if run_dir.exists() and is_main:
-            runs.write_summary(run_dir, Summary(status="failed", error=str(e)))
+        if is_main:
+            _record_failure(run_dir, str(e))
         if hc.mode == RunMode.MULTIRUN:
             raise  # the launcher records this job as failed and carries on with the sweep
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a new checkpoint
+        if is_main:
+            _record_failure(run_dir, "stopped by a second Ctrl-C", status="interrupted")
+        print(f"stopped by Ctrl-C; run the same command to resume from {runs.last_checkpoint(run_dir)}",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except BaseException as e:
-        if run_dir.exists() and is_main and not isinstance(e, SystemExit):
-            runs.write_summary(run_dir, Summary(status="failed", error=f"{type(e).__name__}: {e}"))
+        if is_main and not isinstance(e, SystemExit):
+            _record_failure(run_dir, f"{type(e).__name__}: {e}")
         raise
+    if summary.stopped_by in ("SIGTERM", "SIGINT"):
+        print(f"interrupted by {summary.stopped_by} at step {summary.steps}: saved {summary.checkpoint}; "
+              "run the same command to resume", flush=True)
+        sys.exit(128 + signal.Signals[summary.stopped_by])
     return summary.final_loss
+
+
+def _record_failure(run_dir: Path, error: str, status: str = "failed") -> None:
+    """Say in summary.json how the run ended, best effort (the disk may be full). A completed
+    run keeps its results: a rerun's failure is recorded beside them."""
+    if not run_dir.exists():
+        return
+    previous = runs.read_summary(run_dir)
+    if previous is not None and previous.status == "completed":
+        summary = previous
+        summary.rerun_error = error
+    else:
+        summary = Summary(status=status, error=error)
+    try:
+        runs.write_summary(run_dir, summary)
+    except OSError as e:
+        print(f"(could not record this in {run_dir / runs.SUMMARY}: {e.strerror})", file=sys.stderr)
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def cli() -> None:

@@ -143,7 +143,7 @@ def test_killing_a_run_while_it_writes_a_checkpoint_leaves_the_previous_one(tmp_
 def test_a_torn_checkpoint_file_is_a_clear_error(tmp_path):
     path = tmp_path / "last.pt"
     path.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         ckpt.load(path)
 
 

@@ -34,7 +34,7 @@ from hjepa.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hjepa.loggers import Logger
 from hjepa.masks import mask_picture
 from hjepa import runs
-from hjepa.atomic import atomic_write
+from hjepa.atomic import atomic_write, stale_temporaries
 from hjepa.runs import Summary
 
 
@@ -77,6 +77,16 @@ class _Progress:
     @property
     def wall(self) -> float:
         return self.earlier_wall + time.perf_counter() - self.started
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Files a killed writer left half-written (atomic_write's temporaries), e.g. a checkpoint."""
+    stale = [p for d in (run_dir, run_dir / runs.CHECKPOINTS) if d.is_dir() for p in stale_temporaries(d)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} temporary file{'s' if len(stale) > 1 else ''} left by an interrupted write: "
+              + ", ".join(p.name for p in stale[:3]), flush=True)
 
 
 def _worker_init(_: int) -> None:
@@ -134,6 +144,8 @@ class Trainer:
         model.to(device)
         optimizer = optimization.build(model, fused=device.type == "cuda")
         scaler = hardware.grad_scaler()
+        if run.dist.is_main:
+            _remove_stale_temporaries(run.run_dir)
         progress = self._resume(model, optimizer, scaler, plan, run)
         first_step = progress.step
         step_model = self._wrap(model, hardware, run.dist)
@@ -203,7 +215,7 @@ class Trainer:
             if run.dist.is_main:
                 print(f"starting a new run in {run.run_dir}", flush=True)  # the logger starts later
             return _Progress(step=0, last_good=None)
-        state = ckpt.load(source)
+        source, state = self._load(source)
         ckpt.check_compatible(state["model"], model, str(source))
         if state["global_batch"] != plan.global_batch or state["epoch_length"] != plan.epoch_length:
             raise CheckpointError(
@@ -219,6 +231,26 @@ class Trainer:
         if run.dist.is_main:
             print(f"resumed from {source} at step {step}/{plan.total}", flush=True)
         return _Progress(step=step, last_good=source, earlier_wall=float(state.get("wall_time_s", 0.0)), step_log=step)
+
+    def _load(self, source: Path) -> tuple[Path, dict]:
+        """The checkpoint at `source`; with resume=auto, a corrupt last.pt falls back to the
+        newest snapshot (epoch_NNNN.pt) that loads."""
+        try:
+            return source, ckpt.load(source)
+        except CheckpointError as e:
+            if self.resume != "auto":
+                raise
+            for snapshot in sorted(source.parent.glob("epoch_*.pt"), reverse=True):
+                try:
+                    state = ckpt.load(snapshot)
+                except CheckpointError:
+                    continue
+                print(f"{source} is corrupt ({e}); resuming from {snapshot} instead", flush=True)
+                return snapshot, state
+            raise CheckpointError(
+                f"{e}\n  and there is no earlier snapshot (trainer.snapshot_every) to resume from: delete it to "
+                "start over, or choose a new run directory (hydra.run.dir=...)"
+            ) from None
 
     def _resume_source(self, ckpt_dir: Path) -> Optional[Path]:
         last = ckpt_dir / runs.LAST
@@ -283,8 +315,19 @@ class Trainer:
 
     def _checkpoint(self, meter: "_Meter", progress: _Progress, plan: _Plan, model: nn.Module, optimizer,
                     scaler, run: RunContext) -> None:
-        """Rewrite last.pt (rank 0), once every rank's losses since the last check are finite."""
+        """Rewrite last.pt (rank 0), once every rank's losses since the last check are finite
+        and so are the weights and the optimizer state (an update after a finite loss can
+        still break them): nothing non-finite is ever saved."""
         meter.check_finite(run.dist, progress.step, progress.last_good)
+        bad = ckpt.non_finite({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        if bad:
+            where = (f"the last good checkpoint is {progress.last_good}" if progress.last_good
+                     else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"the weights became NaN or infinite between step {meter.checked_step} and step {progress.step} "
+                f"although the loss was finite ({len(bad)} tensors, e.g. {bad[0]}); training stopped and {where}. "
+                "Try a lower optim.lr, trainer.clip_grad=1.0, or hardware.precision=bf16/fp32."
+            )
         path = runs.last_checkpoint(run.run_dir)
         if run.dist.is_main:
             step = progress.step
