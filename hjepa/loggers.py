@@ -1,4 +1,5 @@
-"""Metric sinks: a JSONL file (always), a tqdm progress bar, and optionally Weights & Biases.
+"""Metric sinks: a JSONL file (always), a tqdm progress bar, and optionally TensorBoard and
+Weights & Biases, in any combination (logger=tensorboard logger.wandb=true: all three).
 
 Only the process of rank 0 creates a Logger that writes; other ranks get `enabled=False`.
 """
@@ -18,7 +19,10 @@ from PIL import Image
 from hjepa.atomic import atomic_write
 
 class Logger:
-    """`wandb: true` mirrors every metric, the resolved config and the mask picture to W&B.
+    """Every metric goes to <run dir>/metrics.jsonl. `tensorboard: true` also writes them, and
+    the mask picture, as TensorBoard events into the run directory (`tensorboard --logdir
+    outputs` then shows every run and sweep job). `wandb: true` mirrors the metrics, the
+    resolved config and the mask picture to W&B.
 
     `mode: auto` runs W&B online when an API key is configured (WANDB_API_KEY or a
     `wandb login`) and offline otherwise, so a machine without an account or network never
@@ -28,17 +32,19 @@ class Logger:
     def __init__(
         self,
         wandb: bool = False,
+        tensorboard: bool = False,
         project: str = "hjepa",
         entity: Optional[str] = None,
         mode: Literal["auto", "online", "offline"] = "auto",
         tags: list[str] = (),
         progress: bool = True,
     ):
-        self.use_wandb, self.project, self.entity = wandb, project, entity
+        self.use_wandb, self.use_tensorboard, self.project, self.entity = wandb, tensorboard, project, entity
         self.mode, self.tags, self.show_progress = mode, list(tags), progress
         self.enabled = False
         self._bar = None
         self._wandb_run = None
+        self._tensorboard = None
         self._file = None
 
     def start(self, run_dir: Path, config: dict, total_steps: int, start_step: int, enabled: bool = True) -> None:
@@ -55,6 +61,11 @@ class Logger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+        if self.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events logged after its checkpoint, as metrics.jsonl does.
+            self._tensorboard = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step else None)
         if self.use_wandb:
             self._wandb_run = _start_wandb(self, config)
 
@@ -63,6 +74,10 @@ class Logger:
             return
         record = {"step": step, "time": time.time(), **metrics}
         self._file.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, step)
         if self._wandb_run is not None:
             self._wandb_run.log(metrics, step=step)
 
@@ -72,21 +87,19 @@ class Logger:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.refresh()
 
-    def image(self, name: str, picture: np.ndarray) -> Path | None:
-        """Save an HxWx3 uint8 picture as <run_dir>/<name>.png (and to W&B)."""
+    def image(self, name: str, picture: np.ndarray, step: int = 0) -> Path | None:
+        """Save an HxWx3 uint8 picture as <run_dir>/<name>.png (and to TensorBoard and W&B)."""
         if not self.enabled:
             return None
         path = self.run_dir / f"{name}.png"
         Image.fromarray(picture).save(path)
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(name, picture, step, dataformats="HWC")
         if self._wandb_run is not None:
             import wandb
 
             self._wandb_run.log({name: wandb.Image(picture)}, commit=False)
         return path
-
-    def summary(self, values: dict[str, Any]) -> None:
-        if self._wandb_run is not None:
-            self._wandb_run.summary.update(values)
 
     def write(self, message: str) -> None:
         """Print without breaking the progress bar."""
@@ -109,6 +122,9 @@ class Logger:
             except OSError:
                 pass
             self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
@@ -143,10 +159,15 @@ def _start_wandb(logger: Logger, config: dict) -> Any:
                   dir=str(logger.run_dir), name=logger.run_dir.name, resume="allow",
                   id=_wandb_run_id(logger.run_dir))
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
     except Exception as e:  # no network, server down: keep training, log locally
         logger.write(f"wandb online init failed ({type(e).__name__}: {e}); logging offline instead")
-        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        mode = "offline"
+        run = wandb.init(mode=mode, settings=wandb.Settings(silent=True), **kwargs)
+    if mode == "offline":
+        where = Path(run.dir).parent  # <run dir>/wandb/offline-run-<time>-<id>
+        logger.write(f"W&B is logging offline to {where}; upload it later with: wandb sync {where}")
+    return run
 
 
 def _wandb_has_key() -> bool:

@@ -202,7 +202,7 @@ def test_grad_accumulation_counts_optimizer_steps(tmp_path, tiny):
     assert ckpt.load(tmp_path / "checkpoints/last.pt")["sampler"] == {"epoch": 1, "position": 0}
 
 
-def test_wandb_runs_offline_without_an_account(tmp_path, monkeypatch, tiny):
+def test_wandb_runs_offline_without_an_account(tmp_path, monkeypatch, tiny, capsys):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -212,4 +212,25 @@ def test_wandb_runs_offline_without_an_account(tmp_path, monkeypatch, tiny):
     assert result.status == "completed"
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert f"W&B is logging offline to {runs[0]}; upload it later with: wandb sync {runs[0]}" in capsys.readouterr().out
     assert (tmp_path / "run" / "masks.png").is_file()
+
+
+def test_tensorboard_logs_every_metric_and_the_masks_and_resumes_cleanly(tmp_path, monkeypatch, tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = ["logger=tensorboard", "monitor.every_epochs=1", "monitor.max_train_images=256"]
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "stop_requested", lambda self, step: step == 12)
+        train(tiny(*overrides), tmp_path)
+    train(tiny(*overrides), tmp_path)  # resumes at step 12: events after it are purged
+    events = EventAccumulator(str(tmp_path)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"loss", "loss/level0", "loss/level1", "loss/level2", "lr", "weight_decay", "momentum", "img_per_s",
+                "epoch", "draws/SyntheticShapes", "knn/top1", "knn/top5", "features/std", "features/effective_rank"}
+    assert expected <= scalars, expected - scalars
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 33))
+    assert [e.step for e in events.Scalars("knn/top1")] == [16, 32]
+    jsonl = [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(jsonl)
+    assert events.Tags()["images"] == ["masks"]
