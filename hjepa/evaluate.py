@@ -100,10 +100,12 @@ def _evaluate(cfg: DictConfig, run_cfg: DictConfig, model: torch.nn.Module, ckpt
         encoder.to(device)
         features = {}
         for side, (dataset, split) in splits.items():
+            what = f"{which.replace('_', '-')} encoder, {data.name} {split} ({len(dataset)} images)"
             features[side] = cached(
                 run_dir / runs.EVAL_CACHE, {**key, **model_keys[which], "split": split, "num_images": len(dataset)},
                 lambda: extract(encoder, dataset, protocol.kind, device, cfg.batch_size, hardware.num_workers,
-                                hardware.autocast))
+                                hardware.autocast, progress=what),
+                on_hit=lambda: print(f"features of the {what}: from {run_dir / runs.EVAL_CACHE}", flush=True))
         encoder.cpu()
         scores[which] = protocol(features["train"], features["eval"], len(data.classes), device)
 

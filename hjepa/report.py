@@ -28,6 +28,7 @@ METRICS = [  # (key, column title, format)
     ("steps", "steps", "{:d}"),
     ("final_loss", "final loss", "{:.4f}"),
     ("knn_top1", "kNN top-1 %", "{:.1f}"),
+    ("random_init_knn_top1", "random-init kNN %", "{:.1f}"),  # the same encoder at its initialisation
     ("img_per_s", "img/s", "{:.0f}"),
     ("wall_time_s", "wall time s", "{:.1f}"),
 ]
@@ -69,17 +70,19 @@ def read_job(job_dir: Path, overrides: Optional[list[str]] = None) -> dict[str, 
     """One row: name, overrides, status, metrics (None where absent) and error."""
     row: dict[str, Any] = {"job": job_dir.name, "overrides": overrides or [], "error": ""}
     if not job_dir.is_dir():
-        return {**row, "status": "not started", **{k: None for k, _, _ in METRICS}}
+        return {**row, "status": "not started", "draws": {}, **{k: None for k, _, _ in METRICS}}
     if (job_dir / ".hydra/overrides.yaml").is_file():
         row["overrides"] = list(OmegaConf.load(job_dir / ".hydra/overrides.yaml"))
     summary = runs.read_summary(job_dir) or Summary(status="running")
     row["status"] = "unfinished" if summary.status == "running" else summary.status
     row["error"] = summary.error or ""
-    last = _last_metrics(job_dir / runs.METRICS)
+    last, draws = _read_metrics(job_dir / runs.METRICS)
+    row["draws"] = draws
     # Unfinished, interrupted and failed jobs show how far they got (their last logged values).
     row["steps"] = _first(summary.steps, last.get("step"))
     row["final_loss"] = _first(summary.final_loss, last.get("loss"))
     row["knn_top1"] = _first(summary.knn_top1, last.get("knn/top1"))
+    row["random_init_knn_top1"] = summary.random_init_knn_top1
     row["img_per_s"] = _first(summary.img_per_s, last.get("img_per_s"))
     row["wall_time_s"] = summary.wall_time_s
     return row
@@ -89,17 +92,30 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _last_metrics(path: Path) -> dict[str, Any]:
-    """The last value of every key in metrics.jsonl (kNN records and loss records differ)."""
+def _read_metrics(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The last value of every key in metrics.jsonl (kNN records and loss records differ),
+    and the realised draws per mixture component (the sum of its draws/<name> records)."""
     last: dict[str, Any] = {}
+    draws: dict[str, int] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    last.update(json.loads(line))
-                except json.JSONDecodeError:  # a line being written right now
-                    pass
-    return last
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line being written right now
+                continue
+            last.update(record)
+            for key, value in record.items():
+                if key.startswith("draws/"):
+                    draws[key[6:]] = draws.get(key[6:], 0) + int(value)
+    return last, draws
+
+
+def _shares(draws: dict[str, int]) -> str:
+    """Realised draws as shares, e.g. "imagenet100 55.6%, stl10 44.4%" (one component: "")."""
+    total = sum(draws.values())
+    if len(draws) < 2 or not total:
+        return ""
+    return ", ".join(f"{name} {100 * n / total:.1f}%" for name, n in draws.items())
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -126,14 +142,18 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    metrics = [m for m in METRICS if m[0] != "knn_top1" or any(r["knn_top1"] is not None for r in rows)]
+    metrics = [m for m in METRICS if "knn" not in m[0] or any(r[m[0]] is not None for r in rows)]
     note = any(r["error"] for r in rows)
-    head = ["job", *keys, "status", *[title for _, title, _ in metrics], *(["error"] if note else [])]
+    mixed = any(_shares(r["draws"]) for r in rows)
+    head = ["job", *keys, "status", *[title for _, title, _ in metrics], *(["draws"] if mixed else []),
+            *(["error"] if note else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         values = _as_dict(r["overrides"])
         cells = [r["job"], *[values.get(k, "") for k in keys], r["status"],
                  *[_fmt(r[key], spec) for key, _, spec in metrics]]
+        if mixed:
+            cells.append(_shares(r["draws"]))
         if note:
             cells.append(r["error"].splitlines()[0][:100] if r["error"] else "")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -143,16 +163,20 @@ def markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def to_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["job", *keys, "status", *[k for k, _, _ in METRICS], "overrides", "error"])
+    components = list(dict.fromkeys(name for r in rows for name in r["draws"]))
+    writer.writerow(["job", *keys, "status", *[k for k, _, _ in METRICS], *[f"draws/{c}" for c in components],
+                     "overrides", "error"])
     for r in rows:
         values = _as_dict(r["overrides"])
         writer.writerow([r["job"], *[values.get(k, "") for k in keys], r["status"],
-                         *["" if r[k] is None else r[k] for k, _, _ in METRICS], " ".join(r["overrides"]), r["error"]])
+                         *["" if r[k] is None else r[k] for k, _, _ in METRICS],
+                         *[r["draws"].get(c, "") for c in components], " ".join(r["overrides"]), r["error"]])
     return out.getvalue()
 
 
 def plot(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
-    """The swept metric against the first swept key, one line per value of the other keys."""
+    """The swept metric against the first swept key, one line per value of the other keys;
+    for kNN, each line's random-init baseline dashed in the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,21 +189,29 @@ def plot(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     numeric = all(_is_number(x) for x in xs)
     order = sorted(set(xs), key=float if numeric else str)
     series: dict[str, list[tuple[float, float]]] = {}
+    baselines: dict[str, list[tuple[float, float]]] = {}
     for r, x in zip(rows, xs):
         if r[metric] is None:
             continue  # in the table with its status; nothing to plot
         label = ", ".join(f"{k}={_as_dict(r['overrides']).get(k, '')}" for k in keys[1:]) or title
-        series.setdefault(label, []).append((float(x) if numeric else order.index(x), r[metric]))
+        at = float(x) if numeric else order.index(x)
+        series.setdefault(label, []).append((at, r[metric]))
+        if metric == "knn_top1" and r["random_init_knn_top1"] is not None:
+            baselines.setdefault(label, []).append((at, r["random_init_knn_top1"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, points in series.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if label in baselines:
+            base = sorted(baselines[label])
+            ax.plot([p[0] for p in base], [p[1] for p in base], linestyle="--", color=line.get_color(),
+                    label=f"{label}: random init")
     if not numeric:
         ax.set_xticks(range(len(order)), order, rotation=20)
     ax.set_xlabel(x_key or "job")
     ax.set_ylabel(title)
     ax.set_title(f"{title} of {len(rows)} job(s)")
-    if len(series) > 1 or keys[1:]:
+    if len(series) > 1 or keys[1:] or baselines:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

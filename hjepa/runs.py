@@ -5,18 +5,20 @@ loading a trained run (and its random-init twin) for evaluate, export and report
     <run dir>/summary.json           Summary: status and final numbers (rewritten atomically)
     <run dir>/metrics.jsonl          one record per trainer.log_every steps
     <run dir>/masks.png              the context and target blocks of the first batch
-    <run dir>/train.log              what the run printed (Hydra's job log)
+    <run dir>/train.log              what the run printed (every segment of it, appended)
     <run dir>/checkpoints/last.pt    the checkpoint a resume starts from
     <run dir>/eval_<protocol>.json   python -m hjepa.evaluate results; features in eval_cache/
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional, TextIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +32,7 @@ CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 MASKS = "masks.png"
+TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 EVAL_CACHE = "eval_cache"
@@ -91,6 +94,51 @@ def read_summary(run_dir: Path) -> Optional[Summary]:
         return Summary.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+class _Copy:
+    """A text stream that also appends what it is given to a file (progress-bar redraws,
+    which end in a carriage return, excepted). If the file cannot be written (a full disk),
+    the copy stops and the stream goes on."""
+
+    def __init__(self, stream: TextIO, file: TextIO):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        n = self.stream.write(text)
+        if self.file is not None and "\r" not in text:
+            try:
+                self.file.write(text)
+                self.file.flush()
+            except OSError:
+                self.file = None
+        return n
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def copy_output(path: Path) -> Iterator[None]:
+    """Append what this process prints (stdout and stderr) to `path` while inside."""
+    try:
+        file = open(path, "a", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Copy(stdout, file), _Copy(stderr, file)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+        try:
+            file.close()
+        except OSError:
+            pass
 
 
 class LoadedRun(NamedTuple):

@@ -6,6 +6,7 @@ This is the composition root: it validates the config, builds every object with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -28,19 +29,32 @@ from hjepa.data.transforms import eval_transform
 from hjepa.engine.distributed import DistInfo, barrier, broadcast, export_task_env, init_distributed, shutdown
 from hjepa.engine.preemption import StopSignals
 from hjepa.engine.trainer import RunContext
-from hjepa.errors import ConfigError, HJEPAError, OutputError
+from hjepa.errors import ConfigError, DataError, HJEPAError, MissingDataError, OutputError
 from hjepa.eval.splits import labeled_splits
 from hjepa.runs import Summary
 
 
 def build_train_data(cfg: DictConfig, configs: dict[str, DictConfig], transform: Any) -> Mixture:
-    """The training stream: the mixture, or the single dataset as a one-component mixture."""
+    """The training stream: the mixture, or the single dataset as a one-component mixture.
+    Every dataset that cannot be opened is named in one error, with the key that sets its root."""
+    if cfg.mixture is not None:
+        # Weights are checked before any dataset is opened: a typo fails in milliseconds.
+        weights = normalize_weights({n: float(c.weight) for n, c in cfg.mixture.components.items()})
+    datasets, problems = {}, []
+    for name, config in configs.items():
+        key = "dataset" if cfg.mixture is None else f"mixture.components.{name}.dataset"
+        try:
+            datasets[name] = build(config, transform=transform)
+        except MissingDataError as e:
+            problems.append(f"{name}: {e}\n  (set {key}.root=<folder>, or data_root=<the folder holding your datasets>)")
+        except DataError as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        what = "the dataset" if cfg.mixture is None else f"{len(problems)} of the {len(configs)} mixture components"
+        raise DataError(f"{what} cannot be read:\n" + "\n".join(problems) +
+                        "\nCheck the data with: python -m hjepa.data.verify <the same overrides>")
     if cfg.mixture is None:
-        (name, config), = configs.items()
-        return Mixture({name: build(config, transform=transform)}, strategy="concat", seed=cfg.seed)
-    # Weights are checked before any dataset is opened: a typo fails in milliseconds.
-    weights = normalize_weights({n: float(c.weight) for n, c in cfg.mixture.components.items()})
-    datasets = {n: build(c, transform=transform) for n, c in configs.items()}
+        return Mixture(datasets, strategy="concat", seed=cfg.seed)
     return Mixture(datasets, weights, strategy=cfg.mixture.strategy, epoch_length=cfg.mixture.epoch_length,
                    seed=cfg.seed)
 
@@ -147,6 +161,11 @@ def main(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hc.runtime.output_dir)
     export_task_env()  # RANK for the error paths below, also under submitit
     is_main = int(os.environ.get("RANK", "0")) == 0
+    with runs.copy_output(run_dir / runs.TRAIN_LOG) if is_main else contextlib.nullcontext():
+        return _main(cfg, hc, run_dir, is_main)
+
+
+def _main(cfg: DictConfig, hc: Any, run_dir: Path, is_main: bool) -> Optional[float]:
     try:
         if cfg.get("mixture") is not None and any(o.startswith("dataset=") for o in hc.overrides.task):
             raise ConfigError("dataset=... and mixture=... both given: a mixture names its own datasets "

@@ -36,6 +36,8 @@ def test_default_run_trains_and_beats_random_init(default_run):
     assert trained > random_init + 2.0, f"trained {trained}% vs random init {random_init}%"
     for name in ("checkpoints/last.pt", "metrics.jsonl", "config.yaml"):
         assert str(run_dir / name) in stdout  # the run says where its outputs are
+    log = (run_dir / "train.log").read_text()  # what it printed, kept beside its outputs
+    assert printed.group(0) in log and f"checkpoint: {run_dir / 'checkpoints/last.pt'}" in log
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear"])

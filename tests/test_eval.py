@@ -229,14 +229,18 @@ def test_evaluate_knn_writes_json_with_random_init_baseline_and_caches(run_dir, 
     assert (saved["num_train"], saved["num_eval"], saved["num_classes"], saved["image_size"]) == (512, 128, 10, 32)
     assert saved["step"] == 16 and saved["settings"] == {"k": 20, "temperature": 0.07}
     assert saved["gain_top1"] == pytest.approx(saved["trained"]["top1"] - saved["random_init"]["top1"])
-    table = capsys.readouterr().out.strip().splitlines()
-    assert table[-1].split()[:2] == ["knn", "SyntheticShapes"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].split()[:2] == ["knn", "SyntheticShapes"]
+    # what it extracts, as it does (a progress bar too, on a terminal)
+    assert "extracting features: trained encoder, SyntheticShapes train (512 images)" in out
+    assert "extracting features: random-init encoder, SyntheticShapes val (128 images)" in out
 
     cache = run_dir / "eval_cache"
     files = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert len(files) == 4  # (trained, random init) x (train, eval)
     assert run_evaluate(run_dir, "eval=knn", "eval.k=200")["settings"]["k"] == 200
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == files  # same features: reused
+    assert f"features of the trained encoder, SyntheticShapes train (512 images): from {cache}" in capsys.readouterr().out
     run_evaluate(run_dir, "eval=knn", "crop_ratio=1.0")
     assert len(list(cache.iterdir())) == 8  # another transform: new features, old ones untouched
 

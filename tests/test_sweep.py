@@ -56,6 +56,9 @@ def test_a_2x2_sweep_runs_every_job_in_its_own_dir_and_the_report_lists_them(tmp
         summary = json.loads((sweep / r["job"] / "summary.json").read_text())
         for key in ("final_loss", "img_per_s", "wall_time_s"):
             assert float(r[key]) == summary[key], key
+        draws = [int(r[f"draws/synthetic_{c}"]) for c in "ab"]
+        assert sum(draws) == 64 * int(r["trainer.epochs"])  # every draw of the run, by component
+    assert lines[0].endswith("| draws |") and "synthetic_a " in lines[2] and "%, synthetic_b " in lines[2]
     assert (sweep / "report.md").read_text().count("| completed |") == 4
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -79,7 +82,7 @@ def test_the_report_lists_failed_unfinished_and_never_started_jobs(tmp_path):
                               "overrides": {"task": ["optim.lr=1e-3,2e-3", "trainer.epochs=1,2,3", "seed=0"]}}},
                    sweep / "multirun.yaml")
     done = {"status": "completed", "steps": 10, "final_loss": 0.5, "img_per_s": 100.0, "wall_time_s": 12.0,
-            "knn_top1": 40.0}
+            "knn_top1": 40.0, "random_init_knn_top1": 30.0}
     _job(sweep, "0", ["optim.lr=0.001", "trainer.epochs=1", "seed=0"], done)
     _job(sweep, "1", ["optim.lr=0.001", "trainer.epochs=2", "seed=0"],
          {"status": "failed", "error": "the loss became NaN or infinite between step 4 and step 5"},
@@ -94,12 +97,12 @@ def test_the_report_lists_failed_unfinished_and_never_started_jobs(tmp_path):
     table = report(sweep)
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
     assert table.splitlines()[0] == ("| job | optim.lr | trainer.epochs | status | steps | final loss | kNN top-1 % "
-                                     "| img/s | wall time s | error |")
+                                     "| random-init kNN % | img/s | wall time s | error |")
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
         ("| 0", "0.001", "1", "completed"), ("| 1", "0.001", "2", "failed"), ("| 2", "0.001", "3", "unfinished"),
         ("| 3", "0.002", "1", "unfinished"), ("| 4", "0.002", "2", "interrupted"), ("| 5", "0.002", "3", "not started")]
-    assert rows[0][4:9] == ["10", "0.5000", "40.0", "100", "12.0"]
-    assert rows[1][4:6] == ["4", "0.9000"] and "NaN" in rows[1][9]  # how far it got, and why it stopped
-    assert rows[5][4:9] == [""] * 5
+    assert rows[0][4:10] == ["10", "0.5000", "40.0", "30.0", "100", "12.0"]
+    assert rows[1][4:6] == ["4", "0.9000"] and "NaN" in rows[1][10]  # how far it got, and why it stopped
+    assert rows[5][4:10] == [""] * 6
     assert len(list(csv.DictReader(open(sweep / "report.csv")))) == 6
     assert (sweep / "report.png").is_file()

@@ -14,7 +14,7 @@ import torch
 from hjepa.engine import checkpoint as ckpt
 from hjepa.engine.optim import Optimization
 from hjepa.engine.trainer import Trainer
-from hjepa.errors import CheckpointError, NonFiniteLossError
+from hjepa.errors import CheckpointError, DataError, NonFiniteLossError
 from hjepa.models.hjepa import HJEPA
 from hjepa.train import train
 
@@ -234,3 +234,19 @@ def test_tensorboard_logs_every_metric_and_the_masks_and_resumes_cleanly(tmp_pat
     jsonl = [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(jsonl)
     assert events.Tags()["images"] == ["masks"]
+
+
+def test_every_missing_dataset_is_named_at_once_with_the_key_that_sets_its_root(tmp_path, compose_config):
+    cfg = compose_config("mixture=foundation_mini", f"data_root={tmp_path / 'data'}",
+                         "mixture.components.stl10.dataset.download=false",
+                         "mixture.components.cifar100.dataset.download=false")
+    with pytest.raises(DataError) as e:
+        train(cfg, tmp_path / "run")
+    message = str(e.value)
+    assert message.startswith("3 of the 3 mixture components cannot be read")
+    for name, what in (("imagenet100", "ImageNet root"), ("stl10", "STL-10 not found"),
+                       ("cifar100", "CIFAR-100 not found")):
+        assert f"{name}: {what}" in message and f"set mixture.components.{name}.dataset.root=<folder>" in message
+    assert "data_root=<the folder holding your datasets>" in message and "python -m hjepa.data.verify" in message
+    with pytest.raises(DataError, match=r"(?s)the dataset cannot be read.*set dataset\.root=<folder>"):
+        train(compose_config("dataset=imagenet100", f"data_root={tmp_path / 'data'}"), tmp_path / "run2")

@@ -14,11 +14,12 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from hjepa.data.transforms import normalize
 from hjepa.engine import checkpoint as ckpt
@@ -38,14 +39,18 @@ def encode(encoder: nn.Module, images: Tensor, kind: Kind) -> Tensor:
 @torch.no_grad()
 def extract(encoder: nn.Module, dataset: Dataset, kind: Kind, device: torch.device, batch_size: int = 256,
             num_workers: int = 0, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            ) -> tuple[Tensor, Tensor]:
-    """(features on the CPU, labels [N]) for every item of `dataset` (uint8 images)."""
+            progress: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(features on the CPU, labels [N]) for every item of `dataset` (uint8 images). With
+    `progress` (a description), says what it extracts, with a progress bar on a terminal."""
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     dtype = torch.float16 if kind == "tokens" else torch.float32  # tokens: half the disk and memory
     out, labels, n = None, torch.empty(len(dataset), dtype=torch.long), 0
+    if progress:
+        print(f"extracting features: {progress}", flush=True)
+        loader = tqdm(loader, desc="features", unit="batch", disable=None, leave=False)  # disable=None: only on a TTY
     for images, y in loader:
         with autocast():
             f = encode(encoder, normalize(images.to(device, non_blocking=True)), kind)
@@ -58,7 +63,8 @@ def extract(encoder: nn.Module, dataset: Dataset, kind: Kind, device: torch.devi
     return out, labels
 
 
-def cached(cache_dir: Path, key: dict, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def cached(cache_dir: Path, key: dict, compute: Callable[[], tuple[Tensor, Tensor]],
+           on_hit: Callable[[], None] = lambda: None) -> tuple[Tensor, Tensor]:
     """`compute()`, stored under a file named by a hash of `key`; the key is stored too and
     compared on load, so anything that changes the features (checkpoint step, dataset
     config, split, transform, kind, subset) misses the cache instead of reusing it."""
@@ -68,6 +74,7 @@ def cached(cache_dir: Path, key: dict, compute: Callable[[], tuple[Tensor, Tenso
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state["key"] == text:
+                on_hit()
                 return state["features"], state["labels"]
         except Exception:  # unreadable or from another version: recompute and overwrite
             pass
