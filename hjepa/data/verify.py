@@ -23,6 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from hjepa import CONF_DIR
 from hjepa.config import build, dataset_configs
 from hjepa.data.decode import UnreadableImageError, decode_image, sniff_format
 from hjepa.data.folder import FileDataset
@@ -129,7 +130,7 @@ def _free_disk(path: Path) -> str:
         return "unknown"
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
     sys.exit(0 if verify(cfg, full=bool(cfg.get("full", False))) else 1)
 
