@@ -68,11 +68,13 @@ def test_installed_entry_points_with_a_users_config_folder(installed, tmp_path):
     where = run_installed(installed, elsewhere, sys.executable, "-c", (
         "import hjepa; from importlib.metadata import entry_points; print(hjepa.__file__, hjepa.CONF_DIR); "
         "print(*sorted(e.name for e in entry_points(group='console_scripts') if e.value.startswith('hjepa.') "
-        "and callable(e.load())))"))
+        "and callable(e.load()))); "
+        "from hjepa.bench import common; print(common.CONF, common.model_kwargs('hjepa_vit_micro', 32, 4, 'config')['arch'])"))
     assert where.returncode == 0, where.stderr
     lines = where.stdout.splitlines()
     assert lines[0].split() == [str(installed / "hjepa" / "__init__.py"), str(installed / "hjepa" / "conf")]
     assert lines[1].split() == sorted(SCRIPTS)
+    assert lines[2].split() == [str(installed / "hjepa" / "conf"), "test_vit"]  # the bench reads the packaged conf
 
     run_dir = tmp_path / "run"
     train = run_installed(installed, elsewhere, str(installed / "bin" / "hjepa-train"), "experiment=tiny",

@@ -447,6 +447,8 @@ def run(a: argparse.Namespace) -> bool:
     source = Path(a.archives or a.kaggle or a.folder).expanduser().absolute()
     if out == source:
         raise DataError(f"--out {out} is the source folder itself: choose a new folder for ImageNet-100")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
     kind = "archives" if a.archives else "kaggle" if a.kaggle else "folder"
     plan = Plan(kind)
     try:
