@@ -98,6 +98,18 @@ def test_installed_entry_points_with_a_users_config_folder(installed, tmp_path):
     assert not list(elsewhere.iterdir())  # nothing written where the commands ran
 
 
+def test_the_editable_install_finds_the_top_level_conf(tmp_path):
+    """`pip install -e .` (requirements.txt): the package is this checkout's hjepa/ and the
+    configs its top-level conf/, from any directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import hjepa; print(hjepa.__file__); print(hjepa.CONF_DIR)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    if out.returncode or Path(lines[0]) != ROOT / "hjepa" / "__init__.py":
+        pytest.skip(f"this checkout is not the editable install of {sys.executable} (pip install -e .)")
+    assert lines[1] == str(ROOT / "conf")
+
+
 def test_python_api_example(imagenet_tree, tmp_path):
     """experiments/python_api.py: datasets (ImageNet-100 from real JPEGs), a mixture, the
     collator, the model and training steps, without Hydra."""
