@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from hjepa import runs
+from hjepa import CONF_DIR, runs
 from hjepa.atomic import atomic_write
 from hjepa.config import build, check_against, check_targets, dataset_configs
 from hjepa.data.transforms import eval_transform
@@ -155,7 +155,7 @@ def _table(r: dict) -> str:
     return f"{header}\n{row}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from hjepa import CONF_DIR
 from hjepa.atomic import atomic_write
 from hjepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hjepa.engine import checkpoint
@@ -62,7 +63,7 @@ def export(run: str | Path, ckpt: Optional[str] = None, out: Optional[str] = Non
     return meta
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
         if OmegaConf.is_missing(cfg, "run"):

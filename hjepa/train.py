@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hjepa import runs
+from hjepa import CONF_DIR, runs
 from hjepa.atomic import DISK_FULL, atomic_write
 from hjepa.config import build, dataset_configs, validate
 from hjepa.data.mixture import Mixture, normalize_weights
@@ -155,7 +155,7 @@ def _score_against_random_init(summary: Summary, monitor: Any, model: torch.nn.M
         print(summary.collapse_warning)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -1,9 +1,10 @@
-"""`python -m hjepa.bench {step,masks,data,e2e,pack}`: throughput of the training step, the
+"""`python -m hjepa.bench {step,memory,masks,data,e2e,pack}`: throughput of the training step, the
 data pipeline and the mask collator, each next to its baseline measured the same way.
 
     python -m hjepa.bench step                      # ViT-S/16 and ViT-B/16, I-JEPA and model levels, eager and compiled
     python -m hjepa.bench step --models hjepa_vit_small --levels ijepa --compile off --json
     python -m hjepa.bench step --arch test_vit --img 32 --patch 4 --batch 8 --precision fp32 --steps 3   # CPU logic check
+    python -m hjepa.bench memory --models hjepa_vit_small --batch 64   # peak memory with and without grad checkpointing
     python -m hjepa.bench data --images ../shared/data/imagenet-samples --n 200
     python -m hjepa.bench masks
     python -m hjepa.bench e2e --images pack.tar --copies 10 --workers 15      # real Trainer on JPEG folders

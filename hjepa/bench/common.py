@@ -10,8 +10,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from hjepa import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = Path(CONF_DIR)
 # facebookresearch/ijepa on one H100 80GB HBM3, batch 128, 224 px, bf16, I-JEPA masking,
 # images on the GPU (../shared/PEER_BENCHMARKS.md, measured 2026-11-27): img/s.
 REFERENCE_STEP = {"vit_small_patch16_224": 1844.0, "vit_base_patch16_224": 1219.0}

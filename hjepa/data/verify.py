@@ -30,6 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from hjepa import CONF_DIR
 from hjepa.config import build, dataset_configs
 from hjepa.data.decode import UnreadableImageError, check_pixels, image_size, sniff_format
 from hjepa.data.folder import FileDataset
@@ -59,7 +60,10 @@ def verify(cfg: DictConfig, full: bool = False) -> bool:
     return ok
 
 
-def verify_dataset(name: str, node: DictConfig, full: bool, transforms: dict[str, Callable]) -> bool:
+def verify_dataset(name: str, node: DictConfig, full: bool = False,
+                   transforms: Optional[dict[str, Callable]] = None) -> bool:
+    """Print the report of one dataset config; True when usable. `transforms` ("train",
+    "eval"): what training applies, for full=True (default: decode only)."""
     cls = hydra.utils.get_class(node._target_)
     # Never download, never decode a whole cache: verify only looks.
     params = inspect.signature(cls).parameters
@@ -76,7 +80,7 @@ def verify_dataset(name: str, node: DictConfig, full: bool, transforms: dict[str
     while splits:
         split = splits.pop(0)
         checked.add(split)
-        transform = transforms["train" if split == own else "eval"] if full else None
+        transform = transforms["train" if split == own else "eval"] if full and transforms else None
         try:
             ds = build(node, split=split, transform=transform, **offline)
         except HJEPAError as e:
@@ -205,7 +209,7 @@ def _disk_report(path: Path, needed: Optional[int]) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
     sys.exit(0 if verify(cfg, full=bool(cfg.get("full", False))) else 1)
 

@@ -95,6 +95,7 @@ class HJEPA(nn.Module):
         drop_path_rate: float = 0.0,
         loss: Literal["smooth_l1", "mse"] = "smooth_l1",
         init: Literal["rescaled", "reference"] = "rescaled",
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         check_init(init)
@@ -112,9 +113,12 @@ class HJEPA(nn.Module):
         self.depths = sorted({level.depth for level in self.levels}, key=str)
         self.loss_fn = F.smooth_l1_loss if loss == "smooth_l1" else F.mse_loss
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False).eval()
+        # Activation checkpointing of the context encoder's and the predictor's blocks (the
+        # target encoder runs without gradients, so it keeps no activations anyway).
+        self.grad_checkpointing = grad_checkpointing
         self.predictor = Predictor(
             self.encoder.embed_dim, self.grid_size, predictor_dim, predictor_depth, predictor_heads, len(self.levels),
-            init,
+            init, grad_checkpointing,
         )
 
     @property
@@ -137,7 +141,7 @@ class HJEPA(nn.Module):
         with torch.no_grad():
             features = encode_targets(self.target_encoder, images, self.depths)
             target = {d: gather_tokens(f, flat).reshape(B, T, M, -1) for d, f in features.items()}
-        predictions = self.predictor(encode_context(self.encoder, images, context), context, targets)
+        predictions = self.predictor(self.encode_context(images, context), context, targets)
 
         slots = {s: cell_slots(targets, self.grid_size[1], s) for s in {level.stride for level in self.levels} if s > 1}
         out, total = {}, 0.0
@@ -170,4 +174,4 @@ class HJEPA(nn.Module):
         return self.target_encoder.forward_features(images)
 
     def encode_context(self, images: Tensor, context: Tensor) -> Tensor:
-        return encode_context(self.encoder, images, context)
+        return encode_context(self.encoder, images, context, self.grad_checkpointing)

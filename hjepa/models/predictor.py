@@ -17,7 +17,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from hjepa.models.vit import check_init, enable_sdpa, rescale_residual_init, sincos_pos_embed_2d
+from hjepa.models.vit import check_init, enable_sdpa, rescale_residual_init, run_blocks, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
@@ -30,9 +30,11 @@ class Predictor(nn.Module):
         num_heads: int,
         num_levels: int,
         init: str = "rescaled",
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         check_init(init)
+        self.grad_checkpointing = grad_checkpointing  # recompute block activations in backward
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -65,6 +67,6 @@ class Predictor(nn.Module):
         x = x.repeat_interleave(T, dim=0)  # [B*T, K, dim]: block t of image b is row b*T + t
         queries = self.mask_token + self.pos_embed[targets.reshape(B * T, M)]
         x = torch.cat([x, queries], dim=1)
-        x = self.blocks(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.norm(x[:, K:]).reshape(B, T, M, -1)
         return [head(x) for head in self.heads]

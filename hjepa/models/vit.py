@@ -21,6 +21,7 @@ from typing import Union
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -155,14 +156,26 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def encode_context(encoder: VisionTransformer, images: Tensor, context: Tensor) -> Tensor:
+def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool = False) -> Tensor:
+    """x through `blocks`; with `grad_checkpointing` (and gradients on), each block's
+    activations are recomputed in the backward pass instead of kept: less memory, one more
+    forward of the blocks, the same values and gradients (RNG state is replayed)."""
+    if not (grad_checkpointing and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return x
+
+
+def encode_context(encoder: VisionTransformer, images: Tensor, context: Tensor,
+                   grad_checkpointing: bool = False) -> Tensor:
     """The encoder on the context tokens only: [B, 3, H, W], [B, K] -> [B, K, D]."""
     x = encoder.patch_embed(images)
     x = encoder._pos_embed(x)  # positions are added before tokens are dropped
     x = gather_tokens(x, context)
     x = encoder.patch_drop(x)
     x = encoder.norm_pre(x)
-    x = encoder.blocks(x)
+    x = run_blocks(encoder.blocks, x, grad_checkpointing)
     return encoder.norm(x)
 
 
