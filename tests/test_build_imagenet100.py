@@ -130,9 +130,10 @@ def test_from_the_official_archives(archives, samples, tmp_path, capsys):
     assert lines[0].endswith("0 of 200 class folders (train + val) already complete, 200 to write")
     assert "written: train 200 images, val 100 images" in lines
     # hjepa.data.verify's report
-    assert lines[-5].split() == ["split", "classes", "missing", "images", "per", "class", "unlabeled", "unreadable"]
-    assert lines[-4].split() == ["train", "100/100", "0", "200", "2-2", "0", "0"]
-    assert lines[-3].split() == ["val", "100/100", "0", "100", "1-1", "0", "0"]
+    assert lines[-6].split() == ["split", "classes", "missing", "images", "per", "class", "unlabeled", "unreadable"]
+    assert lines[-5].split() == ["train", "100/100", "0", "200", "2-2", "0", "0"]
+    assert lines[-4].split() == ["val", "100/100", "0", "100", "1-1", "0", "0"]
+    assert lines[-3].startswith("  disk: ")
     assert lines[-2] == "usable"
     assert lines[-1] == f"train on it: python -m hjepa.train dataset=imagenet100 dataset.root={out}"
 
