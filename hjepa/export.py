@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hjepa import CONF_DIR
 from hjepa.atomic import atomic_write
 from hjepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from hjepa.engine import checkpoint
 from hjepa.errors import ConfigError, HJEPAError
 from hjepa.models.vit import timm_kwargs
 from hjepa.runs import load_run
@@ -46,7 +46,7 @@ def export(run: str | Path, ckpt: Optional[str] = None, out: Optional[str] = Non
     kwargs = timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate)
     out_path = Path(out).expanduser() if out else Path(run).expanduser() / "backbone.pt"
     state = {k: v.detach().clone().contiguous() for k, v in model.target_encoder.state_dict().items()}
-    checkpoint.save(state, out_path)
+    atomic_write(out_path, lambda f: torch.save(state, f))  # a plain state_dict: what timm loads
     call = ", ".join([repr(m.arch), "pretrained=False", *(f"{k}={v!r}" for k, v in kwargs.items())])
     meta = {
         "arch": m.arch,

@@ -31,6 +31,8 @@ def measure(model_name: str, levels: str, batch: int, img: int, patch: int, prec
     from hjepa.masks import MultiBlockMaskCollator
     from hjepa.models.hjepa import HJEPA
 
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the other setting's model was freed on return: start from a clean pool
     torch.manual_seed(0)
     kwargs = {**model_kwargs(model_name, img, patch, levels), "grad_checkpointing": grad_checkpointing}
     model = HJEPA(**kwargs).to(device).train()
@@ -59,9 +61,6 @@ def measure(model_name: str, levels: str, batch: int, img: int, patch: int, prec
     times = time_steps(lambda i: run_step(i + 1), warmup, steps, device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"step_s": statistics.median(times), "peak_gib": peak, "resting_gib": resting,
             "arch": kwargs["arch"], "levels": len(kwargs["levels"])}
 

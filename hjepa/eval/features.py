@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hjepa.data.transforms import normalize
-from hjepa.engine import checkpoint as ckpt
+from hjepa.atomic import atomic_write
 
 Kind = Literal["pooled", "last4", "tokens"]
 
@@ -79,5 +79,5 @@ def cached(cache_dir: Path, key: dict, compute: Callable[[], tuple[Tensor, Tenso
         except Exception:  # unreadable or from another version: recompute and overwrite
             pass
     features, labels = compute()
-    ckpt.save({"key": text, "features": features, "labels": labels}, path)
+    atomic_write(path, lambda f: torch.save({"key": text, "features": features, "labels": labels}, f))
     return features, labels
