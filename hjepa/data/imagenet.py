@@ -51,7 +51,8 @@ class ImageNet(FileDataset):
     """ImageNet-1k, or only the classes of `subset`; labels = index in sorted wnid order.
 
     With a subset only those wnid folders are listed, so ImageNet-100 costs nothing more
-    to open than a folder of its 100 classes.
+    to open than a folder of its 100 classes. `decode`: "gpu" decodes the training JPEGs on
+    the GPU (see FileDataset).
     """
 
     eval_split = "val"
@@ -63,6 +64,7 @@ class ImageNet(FileDataset):
         transform: Optional[Callable] = None,
         subset: Optional[str] = None,
         on_error: Literal["skip", "raise"] = "skip",
+        decode: Literal["cpu", "gpu"] = "cpu",
     ):
         root_dir = Path(root).expanduser()
         if not root_dir.is_dir():
@@ -87,7 +89,7 @@ class ImageNet(FileDataset):
                 split_dir,
                 f"{len(missing)} of the {len(wnids)} {name} classes have no folder in {split_dir}: {name_few(missing)}",
             )
-        super().__init__(class_samples(split_dir, wnids), wnids, transform, on_error)
+        super().__init__(class_samples(split_dir, wnids), wnids, transform, on_error, decode=decode)
 
     @staticmethod
     def _raise_layout(split_dir: Path, problem: str) -> None:
