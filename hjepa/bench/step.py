@@ -143,6 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--budget-s", type=float, default=0, help="skip compiled rows once this many seconds are spent")
+    p.add_argument("--mask-pool", type=int, default=16, help="mask batches drawn beforehand and cycled through")
 
 
 def run(a: argparse.Namespace) -> list[dict]:
@@ -168,7 +169,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                     continue
                 try:
                     r = bench_step(name, lv, a.batch, a.img, a.patch, a.precision, compile_, a.warmup, a.steps,
-                                   device, a.arch, predictor, a.channels_last, peak)
+                                   device, a.arch, predictor, a.channels_last, peak, a.mask_pool)
                 except Exception as e:  # one failing variant (e.g. a compiler error) must not lose the others
                     r = row("train step", f"{name} levels={lv} compile={'on' if compile_ else 'off'}", float("nan"),
                             "img/s", error=f"{type(e).__name__}: {str(e)[:500]}")
