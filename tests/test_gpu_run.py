@@ -65,6 +65,7 @@ def test_cpu_smoke_runs_every_stage_end_to_end(tmp_path):
 
     steps = [r for r in by("step") if r["what"] == "train step"]
     assert sorted(r["levels"] for r in steps) == [1, 3] and all(r["value"] > 0 and r["tflops_matmul"] > 0 for r in steps)
+    assert all(r["profile"] and 0 < r["profile"][0]["share"] <= 1 for r in steps)  # where the time goes
     [ref] = [r for r in by("step") if "ijepa" in r["what"]]
     if (IJEPA / "src" / "helper.py").is_file():  # a checkout from experiments/gpu/prepare.py
         assert ref["value"] > 0 and ref["gflop_per_img_matmul"] > 0 and ref["mask_collator_ms_per_batch"] > 0
@@ -109,7 +110,8 @@ def _step(model, levels, value, **extra):
 
 def test_targets_are_ratios_measured_side_by_side_and_say_by_how_much_they_are_missed():
     rows = [
-        _step("hjepa_vit_small", 1, 3000.0, tflops_matmul=114.0, fraction_of_matmul_peak=0.15, host_syncs_per_step=0.0),
+        _step("hjepa_vit_small", 1, 3000.0, tflops_matmul=114.0, fraction_of_matmul_peak=0.15, host_syncs_per_step=0.0,
+              profile=[{"name": "flash_fwd_kernel", "ms_per_step": 9.0, "share": 0.31}]),
         _step("hjepa_vit_small", 3, 2850.0),
         {"stage": "step", "what": "train step (facebookresearch/ijepa)", "model": "vit_small", "value": 1800.0},
         _step("hjepa_vit_base", 1, 2600.0), _step("hjepa_vit_base", 3, 2000.0),
@@ -123,6 +125,7 @@ def test_targets_are_ratios_measured_side_by_side_and_say_by_how_much_they_are_m
     s = t["ViT-S/16 step (I-JEPA levels) vs the facebookresearch/ijepa step, same card"]
     assert s["ratio"] == pytest.approx(3000 / 1800) and s["verdict"] == "missed by 17% (needs 600 img/s more)"
     assert "15% of the measured bf16 matmul rate" in s["detail"] and "0 host syncs/step" in s["detail"]
+    assert "profile, top ops by time: flash_fwd_kernel 31%" in s["detail"]  # a missed target says where time goes
     b = t["ViT-B/16 step (I-JEPA levels) vs the facebookresearch/ijepa step, same card"]
     assert b["ratio"] == pytest.approx(2600 / 1200) and b["verdict"] == "met"
     assert t["ViT-S/16 step, default levels vs one level"]["verdict"] == "met"  # 0.95

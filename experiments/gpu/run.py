@@ -268,7 +268,7 @@ def stage_step(run: Run) -> None:
     for ours, theirs in pairs:
         for what, cmd, name, need in (
             (f"train step {ours}", [run.py, "-m", "hjepa.bench", "step", "--compile", "off", "--models", ours,
-                                    "--levels", "both", "--json", "--out", str(run.work / "step.jsonl")]
+                                    "--levels", "both", "--profile", "--json", "--out", str(run.work / "step.jsonl")]
              + (SMOKE_STEP if run.a.cpu_smoke else []), f"step_{ours}", 25.0),
             (f"train step facebookresearch/ijepa {theirs}", [run.py, str(ROOT / "experiments/gpu/ijepa_step.py"),
                                                               "--ijepa", str(ijepa), "--models", theirs,
@@ -276,16 +276,18 @@ def stage_step(run: Run) -> None:
              + (["--tiny"] if run.a.cpu_smoke else []), f"ijepa_{theirs}", 20.0),
         ):
             left = min(stage_end - run.elapsed(), run.left())
-            if "ijepa" in name and not (ijepa / "src" / "helper.py").is_file():
+            reference = name.startswith("ijepa_")
+            if reference and not (ijepa / "src" / "helper.py").is_file():
                 run.skip("step", what, f"no facebookresearch/ijepa checkout at {ijepa} "
                          "(experiments/gpu/prepare.py puts one in .gpu/ijepa)")
                 continue
             if left < (5 if run.a.cpu_smoke else need):
                 run.skip("step", what, f"{left:.0f}s left in the stage")
                 continue
-            before = len(read_rows(run.work / ("ijepa.jsonl" if "ijepa" in name else "step.jsonl")))
+            rows_file = run.work / ("ijepa.jsonl" if reference else "step.jsonl")
+            before = len(read_rows(rows_file))
             rc, _ = run.call(cmd, name, left)
-            new = read_rows(run.work / ("ijepa.jsonl" if "ijepa" in name else "step.jsonl"))[before:]
+            new = read_rows(rows_file)[before:]
             for r in new:
                 run.record("step", r)
             if rc != 0:
@@ -399,6 +401,9 @@ def targets(rows: list[dict]) -> list[dict]:
                       + (f", {ours['host_syncs_per_step']:g} host syncs/step" if ours.get("host_syncs_per_step") is not None else ""))
         if theirs:
             detail += f"; ijepa {theirs['value']:,.0f} img/s, {theirs.get('tflops_matmul', 0):.0f} TFLOP/s"
+        if ours and ours.get("profile") and (ratio is None or ratio < TARGETS["step_vs_ijepa"]):
+            detail += "; profile, top ops by time: " + ", ".join(f"{op['name']} {op['share']:.0%}"
+                                                                for op in ours["profile"][:5])
         out.append({"target": f"{label} step (I-JEPA levels) vs the facebookresearch/ijepa step, same card",
                     "ratio": ratio, "goal": f">= {TARGETS['step_vs_ijepa']}x (aim {TARGETS['step_vs_ijepa_aim']}x)",
                     "verdict": verdict(ratio, TARGETS["step_vs_ijepa"], need), "detail": detail})
