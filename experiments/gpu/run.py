@@ -434,7 +434,7 @@ def targets(rows: list[dict]) -> list[dict]:
                     "ratio": knn / ref["knn_top1"], "goal": ">= 70% within 5 minutes of training",
                     "verdict": v, "detail": f"{knn:.1f}% after {secs:.0f}s of training ({cifar.get('epochs')} epochs, "
                                             f"{cifar.get('img_per_s') or 0:,.0f} img/s; random init "
-                                            f"{cifar.get('random_init_knn_top1')}%)"})
+                                            f"{_fmt(cifar.get('random_init_knn_top1'))}%)"})
     else:
         out.append({"target": "CIFAR-10 kNN top-1 (held-out 5,000) vs the reference's 40.5% in 215 s", "ratio": None,
                     "goal": ">= 70% within 5 minutes of training", "verdict": "not measured", "detail": ""})
