@@ -1,4 +1,4 @@
-"""`python -m hjepa.bench {step,memory,masks,data,e2e,pack}`: throughput of the training step, the
+"""`python -m hjepa.bench {step,memory,masks,data,loader,e2e,pack}`: throughput of the training step, the
 data pipeline and the mask collator, each next to its baseline measured the same way.
 
     python -m hjepa.bench step                      # ViT-S/16 and ViT-B/16, I-JEPA and model levels, eager and compiled
@@ -7,6 +7,7 @@ data pipeline and the mask collator, each next to its baseline measured the same
     python -m hjepa.bench memory --models hjepa_vit_small --batch 64   # peak memory with and without grad checkpointing
     python -m hjepa.bench data --images ../shared/data/imagenet-samples --n 200
     python -m hjepa.bench masks
+    python -m hjepa.bench loader --images pack.tar --workers 15    # input pipeline: JPEGs decoded on CPU / GPU, prepared
     python -m hjepa.bench e2e --images pack.tar --copies 10 --workers 15      # real Trainer on JPEG folders
 
 Every command prints a table; ``--json`` prints one JSON object per row instead (keys: what,

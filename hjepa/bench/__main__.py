@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hjepa.bench import __doc__ as DOC, data, e2e, masks, memory, pack, step
+from hjepa.bench import __doc__ as DOC, data, e2e, loader, masks, memory, pack, step
 from hjepa.bench.common import print_table
 
-SUBCOMMANDS = {"step": step, "memory": memory, "masks": masks, "data": data, "e2e": e2e, "pack": pack}
+SUBCOMMANDS = {"step": step, "memory": memory, "masks": masks, "data": data, "loader": loader, "e2e": e2e, "pack": pack}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

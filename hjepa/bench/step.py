@@ -44,10 +44,27 @@ def count_step_flops(run_step: Callable[[int], Any], indices: list[int]) -> dict
     return {k: v / len(indices) for k, v in totals.items()}
 
 
+def profile_steps(run_step: Callable[[int], Any], indices: list[int], device: torch.device, top: int = 8) -> list[dict]:
+    """The ops (kernels, on a GPU) that take the most time over steps `indices`, by self time:
+    [{name, ms_per_step, share}] where share is of the total self time recorded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in indices:
+            run_step(i)
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, float(getattr(e, attr, 0.0) or 0.0)) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1.0
+    events.sort(key=lambda e: -e[1])
+    return [{"name": name[:80], "ms_per_step": t / 1e3 / len(indices), "share": t / total} for name, t in events[:top]]
+
+
 def bench_step(model_name: str, levels: str, batch: int, img: int, patch: int, precision: str, compile_: bool,
                warmup: int, steps: int, device: torch.device, arch: Optional[str] = None,
                predictor: Optional[tuple[int, int, int]] = None, channels_last: bool = False,
-               peak: Optional[dict] = None, mask_pool: int = 16) -> dict:
+               peak: Optional[dict] = None, mask_pool: int = 16, profile: bool = False) -> dict:
     from hjepa.data.transforms import normalize
     from hjepa.engine.device import Hardware
     from hjepa.engine.optim import Optimization
@@ -104,6 +121,7 @@ def bench_step(model_name: str, levels: str, batch: int, img: int, patch: int, p
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message).lower() for w in caught) / 3
 
+    top_ops = profile_steps(run_step, list(range(2)), device) if profile else None
     flops = count_step_flops(lambda i: (fwd_bwd(i), optimizer.zero_grad(set_to_none=True)),
                              list(range(min(len(masks), 8))))
     img_s = batch / median
@@ -120,6 +138,7 @@ def bench_step(model_name: str, levels: str, batch: int, img: int, patch: int, p
         gflop_per_img_matmul=flops["matmul"] / batch / 1e9, gflop_per_img_attention=flops["attention"] / batch / 1e9,
         tflops_matmul=matmul_tflops, peak_memory_gib=peak_mem, host_syncs_per_step=syncs,
         mean_context_tokens=ctx_len, mean_target_tokens=tgt_len, warmup=warmup, steps=steps,
+        profile=top_ops,
     )
     if peak:
         extra.update(matmul_peak_tflops=peak["tflops"], fraction_of_matmul_peak=matmul_tflops / peak["tflops"])
@@ -143,6 +162,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--budget-s", type=float, default=0, help="skip compiled rows once this many seconds are spent")
+    p.add_argument("--mask-pool", type=int, default=16, help="mask batches drawn beforehand and cycled through")
+    p.add_argument("--profile", action="store_true", help="add the ops (GPU kernels) taking the most time to each row")
 
 
 def run(a: argparse.Namespace) -> list[dict]:
@@ -168,7 +189,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                     continue
                 try:
                     r = bench_step(name, lv, a.batch, a.img, a.patch, a.precision, compile_, a.warmup, a.steps,
-                                   device, a.arch, predictor, a.channels_last, peak)
+                                   device, a.arch, predictor, a.channels_last, peak, a.mask_pool, a.profile)
                 except Exception as e:  # one failing variant (e.g. a compiler error) must not lose the others
                     r = row("train step", f"{name} levels={lv} compile={'on' if compile_ else 'off'}", float("nan"),
                             "img/s", error=f"{type(e).__name__}: {str(e)[:500]}")

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from hjepa.data.cache import ImageCache, check_cache_mode
 from hjepa.data.decode import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImageError, check_max_pixels,
                                decode_image, decode_resized_crop, read_bytes)
+from hjepa.data.gpu_decode import check_decode_mode, encode_item, gpu_augment
 from hjepa.data.transforms import split_crop
 from hjepa.errors import ConfigError, DataError, MissingDataError
 
@@ -113,7 +114,9 @@ class FileDataset(Dataset):
     where the crop allows). `cache`: "memory" decodes every image once at construction and
     keeps them in one uint8 tensor, "device" also keeps that tensor on the training device;
     train crops then happen on the device in batches (hjepa.data.cache). Meant for small
-    datasets (CIFAR-10: 150 MB).
+    datasets (CIFAR-10: 150 MB). `decode`: "gpu" makes a training item the file's bytes and
+    its crop parameters, decoded and cropped on the training device in batches
+    (hjepa.data.gpu_decode); evaluation transforms still decode on the CPU.
     """
 
     labeled_split = "train"
@@ -128,9 +131,11 @@ class FileDataset(Dataset):
         cache: Literal["none", "memory", "device"] = "none",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         unlisted: Sequence[tuple[str, str]] = (),
+        decode: Literal["cpu", "gpu"] = "cpu",
     ):
         if on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error: expected 'skip' or 'raise', got {on_error!r}")
+        self.gpu_augment = gpu_augment(check_decode_mode(decode, cache), transform)
         self.samples = samples
         self.max_pixels = max_pixels
         # Entries that look like images but are none (broken symbolic links, ...): counted
@@ -174,6 +179,8 @@ class FileDataset(Dataset):
         index = index % len(self)
         if self.cache is not None:
             return self.cache.item(index, self.transform), self._cached_labels[index]
+        if self.gpu_augment is not None:
+            return self._read(index, lambda path: encode_item(read_bytes(path), path, self.gpu_augment, self.max_pixels))
         return self._read(index, self._decode)
 
     def problem(self, index: int) -> Optional[str]:
@@ -185,6 +192,12 @@ class FileDataset(Dataset):
         except UnreadableImageError as e:
             return str(e).removeprefix(f"{path}: ")
         return None
+
+    def note_skipped(self, error: UnreadableImageError) -> None:
+        """Count an unreadable file found outside `__getitem__` (by the GPU decoder)."""
+        log.warning("skipped unreadable image %s (its place in the batch repeats another image)", error)
+        with self._skipped.get_lock():
+            self._skipped.value += 1
 
     def _decode(self, path: str) -> torch.Tensor:
         if self._crop is not None:
@@ -218,7 +231,8 @@ class ImageFolder(FileDataset):
     The "val" split is `val_root` (same class folders) when given, else a seeded holdout of
     each class (`holdout` images per class when an int, that fraction when a float), which
     the "train" split then excludes. `cache`: see FileDataset ("memory" / "device" keep a
-    small dataset such as CIFAR-10 decoded and augment it on the device).
+    small dataset such as CIFAR-10 decoded and augment it on the device); `decode`: see
+    FileDataset ("gpu" decodes the training JPEGs on the GPU).
     """
 
     def __init__(
@@ -232,6 +246,7 @@ class ImageFolder(FileDataset):
         on_error: Literal["skip", "raise"] = "skip",
         cache: Literal["none", "memory", "device"] = "none",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode: Literal["cpu", "gpu"] = "cpu",
     ):
         check_max_pixels(max_pixels)
         root_dir = existing_dir(root, "image folder root")
@@ -265,7 +280,7 @@ class ImageFolder(FileDataset):
             samples, unlisted = class_samples(root_dir, classes)
             if holdout:
                 samples = _split_holdout(samples, classes, holdout, seed, keep=split)
-        super().__init__(samples, classes, transform, on_error, cache, max_pixels, unlisted)
+        super().__init__(samples, classes, transform, on_error, cache, max_pixels, unlisted, decode)
 
 
 def _split_holdout(

@@ -51,7 +51,8 @@ class ImageNet(FileDataset):
     """ImageNet-1k, or only the classes of `subset`; labels = index in sorted wnid order.
 
     With a subset only those wnid folders are listed, so ImageNet-100 costs nothing more
-    to open than a folder of its 100 classes.
+    to open than a folder of its 100 classes. `decode`: "gpu" decodes the training JPEGs on
+    the GPU (see FileDataset).
     """
 
     eval_split = "val"
@@ -64,6 +65,7 @@ class ImageNet(FileDataset):
         subset: Optional[str] = None,
         on_error: Literal["skip", "raise"] = "skip",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode: Literal["cpu", "gpu"] = "cpu",
     ):
         check_max_pixels(max_pixels)
         root_dir = Path(root).expanduser()
@@ -90,7 +92,7 @@ class ImageNet(FileDataset):
                 f"{len(missing)} of the {len(wnids)} {name} classes have no folder in {split_dir}: {name_few(missing)}",
             )
         samples, unlisted = class_samples(split_dir, wnids)
-        super().__init__(samples, wnids, transform, on_error, max_pixels=max_pixels, unlisted=unlisted)
+        super().__init__(samples, wnids, transform, on_error, max_pixels=max_pixels, unlisted=unlisted, decode=decode)
 
     @staticmethod
     def _raise_layout(split_dir: Path, problem: str) -> None:

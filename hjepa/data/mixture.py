@@ -24,6 +24,8 @@ from torch.utils.data import Dataset, Sampler
 
 from hjepa.data.batch import Batch, ImageDataset, Item
 from hjepa.data.cache import ImageCache, augment_batch, check_caches
+from hjepa.data.decode import UnreadableImageError
+from hjepa.data.gpu_decode import check_decoders, decode_batch
 from hjepa.errors import ConfigError, DataError
 
 STRATEGIES = ("weighted", "balanced", "concat")
@@ -111,6 +113,7 @@ class Mixture(Dataset):
         self.epoch_length = epoch_length if epoch_length is not None else sum(self.sizes)
         self.offsets = [0, *np.cumsum(self.sizes).tolist()]  # component d holds [offsets[d], offsets[d+1])
         check_caches(self.names, self.caches)
+        check_decoders(self.names, self.datasets)
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -133,14 +136,24 @@ class Mixture(Dataset):
 
     def to_device(self, batch: Batch, device: torch.device) -> Batch:
         """The batch on `device` with uint8 `images` (made there from `params` for cached
-        components), copied without waiting for the device."""
+        components, decoded there for ``decode: gpu`` components), copied without waiting
+        for the device."""
         if batch.params is not None:
             images = augment_batch(batch.params, batch.sources, self.caches, device)
+        elif batch.encoded is not None:
+            images = decode_batch(batch.encoded, device, lambda row, error: self._unreadable(batch, row, error))
         else:
             images = batch.images.to(device, non_blocking=True)
         return Batch(labels=batch.labels, sources=batch.sources, images=images,
                      context=batch.context.to(device, non_blocking=True),
                      targets=batch.targets.to(device, non_blocking=True))
+
+    def _unreadable(self, batch: Batch, row: int, error: UnreadableImageError) -> None:
+        """A file of a ``decode: gpu`` batch that no decoder reads: its dataset's on_error rule."""
+        dataset = self.datasets[int(batch.sources[row])]
+        if getattr(dataset, "on_error", "raise") == "raise":
+            raise UnreadableImageError(f"{error} (on_error: skip would skip it)") from None
+        dataset.note_skipped(error)
 
     @property
     def caches(self) -> list[Optional[ImageCache]]:

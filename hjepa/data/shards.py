@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from hjepa.data.cache import ImageCache, check_cache_mode
 from hjepa.data.decode import UnreadableImageError, decode_bytes, decode_resized_crop
+from hjepa.data.gpu_decode import check_decode_mode, encode_item, gpu_augment
 from hjepa.data.transforms import split_crop
 from hjepa.errors import DataError, MissingDataError
 
@@ -90,7 +91,7 @@ class ShardReader:
 
 class PreparedDataset(Dataset):
     """A split of a dataset written by ``python -m hjepa.data.prepare``: uint8 [3, H, W]
-    images (after `transform`) and labels. `cache` as for ImageFolder."""
+    images (after `transform`) and labels. `cache` and `decode` as for ImageFolder."""
 
     labeled_split = "train"
     num_skipped = 0  # a prepared dataset was verified when it was written: an unreadable item raises
@@ -101,7 +102,9 @@ class PreparedDataset(Dataset):
         split: Literal["train", "val"] = "train",
         transform: Optional[Callable] = None,
         cache: Literal["none", "memory", "device"] = "none",
+        decode: Literal["cpu", "gpu"] = "cpu",
     ):
+        self.gpu_augment = gpu_augment(check_decode_mode(decode, cache), transform)
         root_dir = Path(root).expanduser()
         if not root_dir.is_dir():
             raise MissingDataError(f"prepared dataset root {root_dir} does not exist "
@@ -132,6 +135,8 @@ class PreparedDataset(Dataset):
         if self.cache is not None:
             return self.cache.item(index, self.transform), label
         data, name = self.reader.read(index), self.reader.name(index)
+        if self.gpu_augment is not None:
+            return encode_item(data, name, self.gpu_augment), label
         if self._crop is not None:
             crop, rest = self._crop
             image = decode_resized_crop(data, crop, name)
