@@ -107,3 +107,14 @@ def test_slurm_sweep_where_a_preempted_job_requeues_and_resumes(tmp_path, tasks)
     subprocess.run([sys.executable, "-m", "hjepa.report", str(sweep)], check=True, capture_output=True, timeout=120)
     rows = list(csv.DictReader(open(sweep / "report.csv")))
     assert [(r["job"], r["status"], r["steps"]) for r in rows] == [("0", "completed", "80"), ("1", "completed", "80")]
+
+
+def test_a_gpu_job_on_a_cpu_only_partition_is_refused_in_one_clear_line(tmp_path):
+    """The README's command as is (one GPU per job) on this CPU-only cluster: sbatch refuses
+    it, and the command says so, with what to change, instead of a submitit traceback."""
+    done = subprocess.run([sys.executable, "-m", "hjepa.train", "-m", "hydra/launcher=slurm", *TINY],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: Slurm refused the jobs: Invalid generic resource" in done.stderr
+    assert "hydra.launcher.gpus_per_node=null hydra.launcher.tasks_per_node=1 hardware=cpu" in done.stderr
