@@ -97,3 +97,20 @@ def test_cfg_job_prints_the_composed_config(overrides, expect):
     assert out.returncode == 0, out.stderr
     for text in expect:
         assert text in out.stdout
+
+
+@pytest.mark.parametrize("module,groups,unused", [
+    ("hjepa.train", GROUPS, []),
+    ("hjepa.evaluate", ["eval", "hardware", "dataset"], ["model", "mixture", "trainer", "optim"]),
+    ("hjepa.data.verify", ["dataset", "mixture", "transform"], ["model", "eval", "trainer", "optim"]),
+])
+def test_help_is_short_with_examples_and_the_groups_each_command_uses(module, groups, unused):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=CONF.parent).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith(f"python -m {module} ") and "Examples:" in lines
+    assert "Powered by Hydra" not in out and "== Config ==" not in out and len(lines) < 60
+    listed = {line.split(":")[0].strip(): line for line in lines if ": " in line and not line.startswith("  python")}
+    for group in groups:  # every option of the group, as conf/ has them
+        assert all(option in listed[group] for option in _options(group)), (group, listed.get(group))
+    assert not set(unused) & set(listed)

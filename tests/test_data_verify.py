@@ -53,7 +53,7 @@ def test_missing_classes_and_unreadable_files_are_reported(imagenet_root, run_ve
     (train / "empty.JPEG").write_bytes(b"")
     (train / "notes.JPEG").write_text("not an image")
     jpeg = next(train.glob("n*.JPEG")).read_bytes()
-    (train / "truncated.JPEG").write_bytes(jpeg[: len(jpeg) // 2])  # valid header: only +full finds it
+    (train / "truncated.JPEG").write_bytes(jpeg[: len(jpeg) // 2])  # valid header: only full=true finds it
     ok, out = run_verify("dataset=imagenet100", f"dataset.root={imagenet_root}")
     assert not ok
     assert "train  100/100  0        103" in out and "2" == out.splitlines()[2].split()[-1]

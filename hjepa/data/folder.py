@@ -185,7 +185,7 @@ class FileDataset(Dataset):
 
     def problem(self, index: int) -> Optional[str]:
         """Why training cannot turn item `index` into an image, or None when it can: the
-        decode and transform of __getitem__, without skipping (hjepa.data.verify +full)."""
+        decode and transform of __getitem__, without skipping (hjepa.data.verify full=true)."""
         path = self.samples[index][0]
         try:
             self._decode(path)

@@ -1,7 +1,7 @@
 """Check that a dataset, or every component of a mixture, is usable before training on it.
 
     python -m hjepa.data.verify dataset=imagenet100 dataset.root=/data/imagenet
-    python -m hjepa.data.verify mixture=foundation_mini +full=true
+    python -m hjepa.data.verify mixture=foundation_mini full=true
 
 For every split a run uses (pretraining, labeled and eval split) it prints the classes found
 and missing, image counts (total, min and max per class, unlabeled), unreadable files and
@@ -9,7 +9,7 @@ the free disk space at the root, compared with what an absent dataset needs; abs
 misplaced data are reported with how to obtain or fix them, every broken split and every
 class without a readable image, not only the first. Files are checked cheaply (empty, no
 known image format in their leading bytes, more pixels than dataset.max_pixels in their
-header); `+full=true` decodes every image exactly as training does (the run's train
+header); `full=true` decodes every image exactly as training does (the run's train
 transform on the pretraining split, the eval transform on the others). Exit status 0 when
 usable, 1 otherwise. It writes nothing and downloads nothing: no run directory, no .hydra/
 copy, no log file.
@@ -209,9 +209,9 @@ def _disk_report(path: Path, needed: Optional[int]) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="verify")
 def _app(cfg: DictConfig) -> None:
-    sys.exit(0 if verify(cfg, full=bool(cfg.get("full", False))) else 1)
+    sys.exit(0 if verify(cfg, full=cfg.full) else 1)
 
 
 def main() -> None:
