@@ -226,6 +226,12 @@ def cli() -> None:
     when the process group starts (`train`)."""
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    # Hydra finds launchers by listing the hydra_plugins package, which an editable install's
+    # import hook does not list: register ours (hydra/launcher=slurm) by hand.
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.hjepa_launcher import SlurmLauncher
+
+    Plugins.instance().register(SlurmLauncher)
     main()
 
 

@@ -1,7 +1,8 @@
 """The Slurm launcher of conf/hydra/launcher/slurm.yaml: hydra-submitit-launcher's, except that
 jobs Slurm refuses to take (sbatch fails: a GPU asked of a CPU-only partition, an unknown
 partition or account) end the command with one line saying what sbatch said and what to
-change, instead of a traceback."""
+change, instead of a traceback. (Hydra takes launchers only from the hydra_plugins namespace
+package, hence this folder beside hjepa/.)"""
 
 from __future__ import annotations
 
