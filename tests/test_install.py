@@ -23,12 +23,13 @@ def files(root: Path, pattern: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """The package installed with pip --target from a copy of hjepa/, conf/ and pyproject.toml."""
+    """The package installed with pip --target from a copy of hjepa/, conf/, hydra_plugins/ and pyproject.toml."""
     base = tmp_path_factory.mktemp("install")
     src, site = base / "src", base / "site"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "hjepa", src / "hjepa", ignore=ignore)
     shutil.copytree(ROOT / "conf", src / "conf", ignore=ignore)
+    shutil.copytree(ROOT / "hydra_plugins", src / "hydra_plugins", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", src)
     # --no-build-isolation: build with this environment's setuptools, nothing is downloaded
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
@@ -49,6 +50,7 @@ def run_installed(site: Path, cwd: Path, *cmd: str, timeout: int = 300) -> subpr
 def test_installed_copy_has_every_module_config_and_script(installed):
     assert files(installed / "hjepa", "*.py") == files(ROOT / "hjepa", "*.py")
     assert files(installed / "hjepa" / "conf", "*.yaml") == files(ROOT / "conf", "*.yaml")
+    assert files(installed / "hydra_plugins", "*.py") == files(ROOT / "hydra_plugins", "*.py")  # the Slurm launcher
     assert (installed / "hjepa" / "data" / "imagenet100.txt").read_text() == (
         ROOT / "hjepa" / "data" / "imagenet100.txt").read_text()
     for name in SCRIPTS:
