@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from hjepa.data.cache import ImageCache
+    from hjepa.data.cache import DeviceAugment, ImageCache
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class ImageDataset(Protocol):
     classes: list[str]
     targets: list[int]             # one label per item, -1 for unlabeled items; known without decoding
     cache: Optional["ImageCache"]  # decoded images kept in memory / on the device, else None
+    gpu_augment: Optional["DeviceAugment"]  # decode: gpu: items are file bytes + crops (EncodedImage), else None
+    on_error: str                  # an unreadable image: "skip" it (counted) or "raise"
 
     @property
     def num_skipped(self) -> int:

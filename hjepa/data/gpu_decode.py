@@ -167,7 +167,7 @@ def _flip_and_jitter(images: Tensor, params: Tensor) -> Tensor:
 
 def decodes_on_device(dataset: object) -> bool:
     """Whether a dataset's training items are EncodedImage (``decode: gpu`` with a train transform)."""
-    return getattr(dataset, "gpu_augment", None) is not None
+    return dataset.gpu_augment is not None
 
 
 def check_decoders(names: list[str], datasets: list[object]) -> None:

@@ -151,7 +151,7 @@ class Mixture(Dataset):
     def _unreadable(self, batch: Batch, row: int, error: UnreadableImageError) -> None:
         """A file of a ``decode: gpu`` batch that no decoder reads: its dataset's on_error rule."""
         dataset = self.datasets[int(batch.sources[row])]
-        if getattr(dataset, "on_error", "raise") == "raise":
+        if dataset.on_error == "raise":
             raise UnreadableImageError(f"{error} (on_error: skip would skip it)") from None
         dataset.note_skipped(error)
 

@@ -94,7 +94,9 @@ class PreparedDataset(Dataset):
     images (after `transform`) and labels. `cache` and `decode` as for ImageFolder."""
 
     labeled_split = "train"
-    num_skipped = 0  # a prepared dataset was verified when it was written: an unreadable item raises
+    eval_split: Optional[str] = None  # "val" when one was prepared (set per instance)
+    on_error = "raise"  # a prepared dataset was verified when it was written: an unreadable item raises
+    num_skipped = 0
 
     def __init__(
         self,

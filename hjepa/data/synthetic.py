@@ -71,6 +71,8 @@ class SyntheticShapes(Dataset):
     labeled_split = "train"
     eval_split = "val"
     cache = None      # rendering is cheaper than keeping the images
+    gpu_augment = None
+    on_error = "raise"  # nothing can be unreadable
     num_skipped = 0
 
     def __init__(

@@ -64,7 +64,9 @@ class _TensorImages(Dataset):
     targets: list[int]
     transform: Optional[Callable]
     cache: Optional[ImageCache] = None  # decoded images augmented on the device (CIFAR's `cache`)
-    num_skipped = 0  # every image is already in memory: nothing to skip
+    gpu_augment = None
+    on_error = "raise"  # every image is already in memory: nothing to skip
+    num_skipped = 0
 
     def _image(self, index: int) -> torch.Tensor:
         raise NotImplementedError

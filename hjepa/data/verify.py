@@ -73,7 +73,8 @@ def verify_dataset(name: str, node: DictConfig, full: bool = False,
     rows, problems, ok, absent = [COLUMNS], [], True, False
     own = node.get("split")
     splits = [own] if own else []
-    for split in [own, cls.labeled_split, getattr(cls, "eval_split", None)]:
+    # eval_split is known from the class here, or once a split is built (an image folder's holdout)
+    for split in [own, cls.labeled_split, cls.eval_split]:
         if split and split not in splits:
             splits.append(split)
     checked = set()
