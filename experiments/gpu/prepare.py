@@ -2,7 +2,7 @@
 which sees neither ../shared/data nor any package registry, and check that it fits the
 device tool's 64 MiB limit on what travels.
 
-    python experiments/gpu/prepare.py --ijepa-git /work/.mirror/facebookresearch+ijepa/repo
+    python experiments/gpu/prepare.py --ijepa-git <ijepa git dir>
 
 --ijepa-git is the git directory the session's fetch tool returns for
 github:facebookresearch/ijepa. Writes:

@@ -4,8 +4,8 @@
 #
 # Prepare once, here, from the repository root (everything goes into .gpu/, git-ignored):
 #   1. fetch the reference code with the fetch tool:  fetch("github:facebookresearch/ijepa")
-#      -> /work/.mirror/facebookresearch+ijepa/repo
-#   2. python experiments/gpu/prepare.py --ijepa-git /work/.mirror/facebookresearch+ijepa/repo
+#      -> <ijepa git dir>
+#   2. python experiments/gpu/prepare.py --ijepa-git <ijepa git dir>
 #      writes .gpu/data/cifar10_train.npz (the 50,000 CIFAR-10 train JPEGs, 47.5 MB),
 #      .gpu/data/imagenet125.tar (every 8th of ../shared/data/imagenet-samples, 14.2 MB),
 #      .gpu/whl/ (hydra-core, omegaconf, antlr4 wheels, 0.4 MB; the GPU image lacks them),
