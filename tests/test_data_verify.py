@@ -90,6 +90,7 @@ def test_absent_mixture_components_say_how_to_get_them(imagenet_root, tmp_path, 
     assert not ok
     assert "imagenet100: hjepa.data.imagenet.ImageNet" in out and "  train  100/100" in out
     assert "STL-10 not found" in out and "stl10_binary.tar.gz" in out
+    assert "(set mixture.components.stl10.dataset.root=<folder>, or data_root=" in out
     assert "CIFAR-100 not found" in out and "cifar-100-python.tar.gz" in out
 
 

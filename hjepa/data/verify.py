@@ -54,16 +54,19 @@ IMAGENET_CLASSES = 1000
 def verify(cfg: DictConfig, full: bool = False) -> bool:
     """Print the report for every dataset of `cfg`; True when all of them are usable."""
     transforms = {"train": build(cfg.transform), "eval": eval_transform(cfg.image_size)}
-    results = [verify_dataset(name, node, full, transforms) for name, node in _dataset_nodes(cfg).items()]
+    mixture = cfg.get("mixture") is not None
+    results = [verify_dataset(name, node, full, transforms, f"mixture.components.{name}.dataset" if mixture else "dataset")
+               for name, node in _dataset_nodes(cfg).items()]
     ok = all(results)
     print("usable" if ok else "NOT usable: see the messages above")
     return ok
 
 
 def verify_dataset(name: str, node: DictConfig, full: bool = False,
-                   transforms: Optional[dict[str, Callable]] = None) -> bool:
+                   transforms: Optional[dict[str, Callable]] = None, key: str = "dataset") -> bool:
     """Print the report of one dataset config; True when usable. `transforms` ("train",
-    "eval"): what training applies, for full=True (default: decode only)."""
+    "eval"): what training applies, for full=True (default: decode only); `key`: where the
+    config sets it, named when the data are absent."""
     cls = hydra.utils.get_class(node._target_)
     # Never download, never decode a whole cache: verify only looks.
     params = inspect.signature(cls).parameters
@@ -100,6 +103,8 @@ def verify_dataset(name: str, node: DictConfig, full: bool = False,
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for line in problems:
         print(line)
+    if absent and root:
+        print(f"  (set {key}.root=<folder>, or data_root=<the folder holding your datasets>)")
     if root:
         print(f"  disk: {_disk_report(Path(root).expanduser(), _needs(node) if absent else None)}")
     return ok
