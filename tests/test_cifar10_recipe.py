@@ -7,12 +7,12 @@ import math
 import os
 import pickle
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torchvision.io import encode_jpeg
 
 from hjepa.config import validate
@@ -28,6 +28,10 @@ CIFAR10_DIR = ROOT / "experiments" / "cifar10"
 sys.path.insert(0, str(CIFAR10_DIR))
 import pack  # noqa: E402  (experiments/cifar10/pack.py)
 import run_gpu  # noqa: E402  (experiments/cifar10/run_gpu.py)
+
+# experiment=cifar10_cpu_short: the kNN gain over random init (10,000 memory images) that the slow test
+# asserts, below every seed measured in experiments/cifar10/README.md.
+SHORT_MARGIN = 5.0
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -85,6 +89,22 @@ def test_cpu_recipe_composes_and_is_the_same_recipe_scaled_down():
     assert cpu.hardware.device == "cpu" and cpu.model.arch == "test_vit"
     assert cpu.dataset._target_ == gpu.dataset._target_ and cpu.image_size == gpu.image_size == 32
     assert cpu.monitor.crop_ratio == gpu.monitor.crop_ratio == 1.0
+
+
+def test_cpu_long_and_short_recipes_differ_only_in_epochs_and_run_on_one_core(tmp_path):
+    long = validate(_compose("experiment=cifar10_cpu_long", f"data_root={tmp_path}"))
+    short = validate(_compose("experiment=cifar10_cpu_short", f"data_root={tmp_path}"))
+    assert long.dataset.root == short.dataset.root == f"{tmp_path}/cifar10/train" and long.dataset.holdout == 500
+    assert (long.hardware.device, long.hardware.threads, long.hardware.num_workers) == ("cpu", 1, 0)
+    assert long.trainer.epochs * 703 <= 9_000 and short.trainer.epochs * 703 <= 3_000  # steps of 64 of 45,000
+    a, b = (OmegaConf.to_container(c) for c in (long, short))
+    a["trainer"].pop("epochs"), b["trainer"].pop("epochs")
+    assert a == b
+    # the ablation's level settings and the parity options compose on it
+    for levels in ("ijepa", "hjepa3", "mid3", "mid3_s2"):
+        validate(_compose("experiment=cifar10_cpu_short", f"model/levels={levels}"))
+    validate(_compose("experiment=cifar10_cpu_short", "model.init=reference", "mask.geometry=reference",
+                      "optim.warmup=null", "optim.warmup_epochs=1"))
 
 
 @pytest.mark.parametrize("name,depths", [(n, [lv["depth"] for lv in levels]) for n, levels in run_gpu.ABLATION.items()])
@@ -151,11 +171,10 @@ def test_pack_unpack_is_byte_identical_and_subset_takes_the_first_files(tmp_path
 def test_gpu_script_runs_end_to_end_at_tiny_sizes_on_the_cpu(tmp_path):
     _jpeg_tree(tmp_path / "data" / "cifar10" / "train", per_class=6)
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     code = run_gpu.main(["--tiny", "--data-root", str(tmp_path / "data"), "--out", str(out), "--runs",
                          str(tmp_path / "runs"), "--ablation", "ijepa", "hjepa3", "--ablation-seeds", "0",
                          "--parallel", "2", "--deadline-s", "400"])
-    assert code == 0 and time.perf_counter() - t0 < 400
+    assert code == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["name"], r["seed"]) for r in rows] == [("main", 0), ("ijepa", 0), ("hjepa3", 0)]
     assert all(r["status"] == "completed" for r in rows), rows
@@ -199,3 +218,15 @@ def test_cpu_recipe_trains_on_real_cifar10_and_scores_the_holdout_against_random
     # 2,000 held-out images for both encoders, and no collapse.
     assert 15.0 < result.random_init_knn_top1 < 40.0 and 15.0 < result.knn_top1 < 60.0
     assert result.feature_effective_rank > 4.0 and result.collapse_warning is None
+
+
+@pytest.mark.slow
+def test_cpu_short_recipe_beats_random_init_by_a_clear_margin(cifar10_train, tmp_path):
+    # experiment=cifar10_cpu_short on all 45,000 pretraining JPEGs (~10 minutes of one core);
+    # the kNN check at the end (10,000 memory images, the 5,000 held-out queries) against the
+    # random-init encoder of the same seed. MARGIN is below every measured seed (README).
+    cfg = _compose("experiment=cifar10_cpu_short", f"dataset.root={cifar10_train}")
+    result = train(cfg, tmp_path / "run")
+    assert result.status == "completed" and result.steps == 4 * (45_000 // 64)
+    assert result.knn_top1 - result.random_init_knn_top1 >= SHORT_MARGIN, (result.knn_top1, result.random_init_knn_top1)
+    assert result.collapse_warning is None
