@@ -29,9 +29,10 @@ sys.path.insert(0, str(CIFAR10_DIR))
 import pack  # noqa: E402  (experiments/cifar10/pack.py)
 import run_gpu  # noqa: E402  (experiments/cifar10/run_gpu.py)
 
-# experiment=cifar10_cpu_short: the kNN gain over random init (10,000 memory images) that the slow test
-# asserts, below every seed measured in experiments/cifar10/README.md.
-SHORT_MARGIN = 5.0
+# experiment=cifar10_cpu_short: the kNN gain over random init (training-time monitor, 10,000 memory
+# images) that the slow test asserts, below every seed measured (+7.6 for seed 0, which the test
+# runs, and +5.2 for seed 1; experiments/cifar10/README.md).
+SHORT_MARGIN = 4.0
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

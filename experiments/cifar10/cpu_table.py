@@ -41,7 +41,8 @@ def monitor_seconds(metrics: Path) -> float:
 def knn_curve(run: Path) -> list[tuple[int, float]]:
     """(image views, monitor kNN top-1) after every monitored epoch."""
     summary = json.loads((run / "summary.json").read_text())
-    batch = summary["global_batch"]
+    config = yaml.safe_load((run / "config.yaml").read_text())  # a stopped run's summary has no batch
+    batch = summary.get("global_batch") or config["hardware"]["batch_size"] * config["trainer"]["grad_accum"]
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line) if line.strip() else {}
@@ -64,15 +65,17 @@ def row(run: Path) -> dict[str, Any]:
     knn, linear = _eval(run, "knn"), _eval(run, "linear")
     out = {
         "run": str(run), "overrides": overrides, "seed": config["seed"], "status": summary["status"],
-        "steps": summary.get("steps"), "views": summary.get("steps", 0) * summary.get("global_batch", 0),
+        "steps": summary.get("steps"), "views": (summary.get("steps") or 0) * (summary.get("global_batch") or 0),
         "wall_s": summary.get("wall_time_s"),
-        "train_wall_s": summary.get("wall_time_s", 0.0) - monitor_seconds(run / "metrics.jsonl"),
+        "train_wall_s": (summary["wall_time_s"] - monitor_seconds(run / "metrics.jsonl")
+                         if summary.get("wall_time_s") is not None else None),
         "knn": knn["trained"]["top1"] if knn else None,
         "knn_random": knn["random_init"]["top1"] if knn else None,
         "knn_memory": knn["num_train"] if knn else None,
         "linear": linear["trained"]["top1"] if linear else None,
         "linear_random": linear["random_init"]["top1"] if linear else None,
         "monitor_knn": [round(t, 1) for _, t in knn_curve(run)],
+        "monitor_random_knn": summary.get("random_init_knn_top1"),
     }
     return out
 
