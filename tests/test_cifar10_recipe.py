@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchvision.io import encode_jpeg
 
@@ -36,10 +35,6 @@ SHORT_MARGIN = 4.0
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def _fake_cifar10(root: Path, per_batch: int = 4) -> torch.Tensor:
@@ -71,30 +66,30 @@ def _jpeg_tree(root: Path, per_class: int) -> Path:
 
 # ---- configs -------------------------------------------------------------------------------
 
-def test_gpu_recipe_composes_for_the_jpeg_folder_torchvision_and_image_folder(tmp_path):
-    jpeg = validate(_compose("experiment=cifar10_vit_tiny"))
+def test_gpu_recipe_composes_for_the_jpeg_folder_torchvision_and_image_folder(tmp_path, compose_config):
+    jpeg = validate(compose_config("experiment=cifar10_vit_tiny"))
     assert jpeg.dataset._target_.endswith("ImageFolder") and jpeg.dataset.holdout == 500
     assert jpeg.dataset.cache == "device" and jpeg.hardware.device == "cuda"
     assert (jpeg.image_size, jpeg.patch_size, jpeg.hardware.batch_size) == (32, 4, 512)
     assert jpeg.model.arch == "vit_tiny_patch16_224" and jpeg.mask.min_keep == 4
     # The README's single commands for a user's own copy: torchvision's files or a JPEG folder.
-    tv = validate(_compose("experiment=cifar10_vit_tiny", "dataset=cifar10", f"dataset.root={tmp_path}"))
+    tv = validate(compose_config("experiment=cifar10_vit_tiny", "dataset=cifar10", f"dataset.root={tmp_path}"))
     assert tv.dataset._target_ == "hjepa.data.torchvision_sets.CIFAR10"
     assert tv.dataset.cache == "device" and tv.dataset.root == str(tmp_path)
-    folder = validate(_compose("experiment=cifar10_vit_tiny", f"dataset.root={tmp_path}"))
+    folder = validate(compose_config("experiment=cifar10_vit_tiny", f"dataset.root={tmp_path}"))
     assert folder.dataset.root == str(tmp_path) and folder.trainer.epochs == jpeg.trainer.epochs
 
 
-def test_cpu_recipe_composes_and_is_the_same_recipe_scaled_down():
-    gpu, cpu = validate(_compose("experiment=cifar10_vit_tiny")), validate(_compose("experiment=cifar10_cpu"))
+def test_cpu_recipe_composes_and_is_the_same_recipe_scaled_down(compose_config):
+    gpu, cpu = validate(compose_config("experiment=cifar10_vit_tiny")), validate(compose_config("experiment=cifar10_cpu"))
     assert cpu.hardware.device == "cpu" and cpu.model.arch == "test_vit"
     assert cpu.dataset._target_ == gpu.dataset._target_ and cpu.image_size == gpu.image_size == 32
     assert cpu.monitor.crop_ratio == gpu.monitor.crop_ratio == 1.0
 
 
-def test_cpu_long_and_short_recipes_differ_only_in_epochs_and_run_on_one_core(tmp_path):
-    long = validate(_compose("experiment=cifar10_cpu_long", f"data_root={tmp_path}"))
-    short = validate(_compose("experiment=cifar10_cpu_short", f"data_root={tmp_path}"))
+def test_cpu_long_and_short_recipes_differ_only_in_epochs_and_run_on_one_core(tmp_path, compose_config):
+    long = validate(compose_config("experiment=cifar10_cpu_long", f"data_root={tmp_path}"))
+    short = validate(compose_config("experiment=cifar10_cpu_short", f"data_root={tmp_path}"))
     assert long.dataset.root == short.dataset.root == f"{tmp_path}/cifar10/train" and long.dataset.holdout == 500
     assert (long.hardware.device, long.hardware.threads, long.hardware.num_workers) == ("cpu", 1, 0)
     assert long.trainer.epochs * 703 <= 9_000 and short.trainer.epochs * 703 <= 3_000  # steps of 64 of 45,000
@@ -103,8 +98,8 @@ def test_cpu_long_and_short_recipes_differ_only_in_epochs_and_run_on_one_core(tm
     assert a == b
     # the ablation's level settings and the parity options compose on it
     for levels in ("ijepa", "hjepa3", "mid3", "mid3_s2"):
-        validate(_compose("experiment=cifar10_cpu_short", f"model/levels={levels}"))
-    validate(_compose("experiment=cifar10_cpu_short", "model.init=reference", "mask.geometry=reference",
+        validate(compose_config("experiment=cifar10_cpu_short", f"model/levels={levels}"))
+    validate(compose_config("experiment=cifar10_cpu_short", "model.init=reference", "mask.geometry=reference",
                       "optim.warmup=null", "optim.warmup_epochs=1"))
 
 
@@ -130,10 +125,10 @@ def test_torchvision_cifar10_cache_defers_the_augmentation_to_the_device(tmp_pat
         CIFAR10(str(tmp_path), "train", download=False, cache="gpu")
 
 
-def test_training_from_torchvision_cifar10_with_a_device_cache(tmp_path):
+def test_training_from_torchvision_cifar10_with_a_device_cache(tmp_path, compose_config):
     _fake_cifar10(tmp_path / "data", per_batch=8)
     # The README's command for torchvision's copy, at CPU sizes (cache: device holds on the CPU too).
-    cfg = _compose("experiment=cifar10_vit_tiny", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
+    cfg = compose_config("experiment=cifar10_vit_tiny", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
                    "dataset.download=false", "hardware=cpu", "hardware.batch_size=8", "hardware.num_workers=0",
                    "trainer.epochs=1", "model.arch=test_vit", "model.predictor_dim=64", "model.predictor_heads=2",
                    "model.predictor_depth=1", "monitor.batch_size=16", "logger.progress=false")
@@ -161,10 +156,10 @@ def test_pack_unpack_is_byte_identical_and_subset_takes_the_first_files(tmp_path
 
 # ---- the CPU version of the recipe on real CIFAR-10 JPEGs ----------------------------------
 
-def test_cpu_recipe_trains_on_real_cifar10_and_scores_the_holdout_against_random_init(cifar10_train, tmp_path):
+def test_cpu_recipe_trains_on_real_cifar10_and_scores_the_holdout_against_random_init(cifar10_train, tmp_path, compose_config):
     # The README's two commands: 600 JPEGs per class, 200 of them held out, 5 epochs.
     assert pack.subset(cifar10_train, tmp_path / "c10", per_class=600)["files"] == 6000
-    result = train(_compose("experiment=cifar10_cpu", f"dataset.root={tmp_path / 'c10'}"), tmp_path / "run")
+    result = train(compose_config("experiment=cifar10_cpu", f"dataset.root={tmp_path / 'c10'}"), tmp_path / "run")
     assert result.status == "completed" and result.steps == 5 * (4000 // 64)
     [stats] = result.mixture.values()
     assert stats["size"] == 4000  # the 2,000 held-out images are never pretrained on
@@ -179,11 +174,11 @@ def test_cpu_recipe_trains_on_real_cifar10_and_scores_the_holdout_against_random
 
 
 @pytest.mark.slow
-def test_cpu_short_recipe_beats_random_init_by_a_clear_margin(cifar10_train, tmp_path):
+def test_cpu_short_recipe_beats_random_init_by_a_clear_margin(cifar10_train, tmp_path, compose_config):
     # experiment=cifar10_cpu_short on all 45,000 pretraining JPEGs (~10 minutes of one core);
     # the kNN check at the end (10,000 memory images, the 5,000 held-out queries) against the
     # random-init encoder of the same seed. MARGIN is below every measured seed (README).
-    cfg = _compose("experiment=cifar10_cpu_short", f"dataset.root={cifar10_train}")
+    cfg = compose_config("experiment=cifar10_cpu_short", f"dataset.root={cifar10_train}")
     result = train(cfg, tmp_path / "run")
     assert result.status == "completed" and result.steps == 4 * (45_000 // 64)
     assert result.knn_top1 - result.random_init_knn_top1 >= SHORT_MARGIN, (result.knn_top1, result.random_init_knn_top1)

@@ -4,11 +4,12 @@ Real models and real collators; the reference's rules are restated here, not imp
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from hjepa import CONF_DIR
 from hjepa.config import build, validate
 from hjepa.engine.optim import Optimization
 from hjepa.errors import ConfigError
@@ -16,14 +17,8 @@ from hjepa.masks import MultiBlockMaskCollator
 from hjepa.models.hjepa import HJEPA
 from hjepa.train import train
 
-from conftest import ROOT
-
 IJEPA = [{"depth": "last", "stride": 1, "weight": 1.0}]
 
-
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def _model(init: str, arch: str = "test_vit", img: int = 32, patch: int = 4, seed: int = 0) -> HJEPA:
@@ -66,13 +61,13 @@ def test_reference_init_is_trunc_normal_002_everywhere_without_the_residual_resc
     assert torch.equal(ref.encoder.pos_embed, ours.encoder.pos_embed)
 
 
-def test_init_is_a_config_option_and_a_bad_value_is_a_clear_error():
-    cfg = validate(_compose("model=hjepa_vit_micro", "model.init=reference"))
+def test_init_is_a_config_option_and_a_bad_value_is_a_clear_error(compose_config):
+    cfg = validate(compose_config("model=hjepa_vit_micro", "model.init=reference"))
     assert cfg.model.init == "reference"
     model = build(cfg.model)
     assert model.encoder.patch_embed.proj.weight.std().item() < 0.03  # not timm's 0.083 at patch 4
     with pytest.raises(ConfigError, match="model.init"):
-        validate(_compose("model.init=ijepa"))
+        validate(compose_config("model.init=ijepa"))
     with pytest.raises(ConfigError, match="model.init"):
         HJEPA("test_vit", 32, 4, IJEPA, predictor_dim=64, predictor_heads=2, init="xavier")
 
@@ -188,12 +183,12 @@ def test_reference_geometry_relaxes_the_target_exclusion_instead_of_failing():
         strict.sample_blocks(16, torch.Generator().manual_seed(0))
 
 
-def test_geometry_is_a_config_option_and_a_bad_value_is_a_clear_error():
-    cfg = validate(_compose("experiment=cifar10_cpu", "mask.geometry=reference"))
+def test_geometry_is_a_config_option_and_a_bad_value_is_a_clear_error(compose_config):
+    cfg = validate(compose_config("experiment=cifar10_cpu", "mask.geometry=reference"))
     collator = build(cfg.mask, grid_size=[8, 8])
     assert collator.geometry == "reference"
     with pytest.raises(ConfigError, match="mask.geometry"):
-        validate(_compose("mask.geometry=ijepa"))
+        validate(compose_config("mask.geometry=ijepa"))
     with pytest.raises(ConfigError, match="2x2"):
         MultiBlockMaskCollator((1, 8), target_scale=[0.2, 0.3], context_scale=[0.9, 1.0], min_keep=1,
                                geometry="reference")
@@ -247,19 +242,19 @@ def test_the_trainer_warms_up_over_epochs(tmp_path, tiny):
 
 # ---- model/levels --------------------------------------------------------------------------
 
-def test_levels_are_a_config_group_and_the_list_override_still_works():
-    default = validate(_compose("model=hjepa_vit_small")).model.levels
+def test_levels_are_a_config_group_and_the_list_override_still_works(compose_config):
+    default = validate(compose_config("model=hjepa_vit_small")).model.levels
     assert len(default) >= 1
-    assert list(validate(_compose("model/levels=ijepa")).model.levels) == IJEPA
-    assert list(validate(_compose("model=ijepa_vit_small")).model.levels) == IJEPA
-    three = validate(_compose("model=hjepa_vit_tiny", "model/levels=hjepa3")).model.levels
+    assert list(validate(compose_config("model/levels=ijepa")).model.levels) == IJEPA
+    assert list(validate(compose_config("model=ijepa_vit_small")).model.levels) == IJEPA
+    three = validate(compose_config("model=hjepa_vit_tiny", "model/levels=hjepa3")).model.levels
     assert [(lv.stride, lv.weight) for lv in three] == [(1, 1.0), (2, 0.5), (4, 0.25)]
-    custom = validate(_compose("model.levels=[{depth:3,stride:2,weight:0.5}]")).model.levels
+    custom = validate(compose_config("model.levels=[{depth:3,stride:2,weight:0.5}]")).model.levels
     assert list(custom) == [{"depth": 3, "stride": 2, "weight": 0.5}]
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "model" / "levels").glob("*.yaml")))
-def test_every_levels_option_builds_on_the_cpu_recipe(name):
-    cfg = validate(_compose("experiment=cifar10_cpu", f"model/levels={name}"))
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF_DIR) / "model" / "levels").glob("*.yaml")))
+def test_every_levels_option_builds_on_the_cpu_recipe(name, compose_config):
+    cfg = validate(compose_config("experiment=cifar10_cpu", f"model/levels={name}"))
     model = build(cfg.model)
     assert len(model.levels) == len(cfg.model.levels) >= 1
