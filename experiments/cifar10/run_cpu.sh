@@ -7,7 +7,7 @@
 #   bash experiments/cifar10/run_cpu.sh [DATA_ROOT] [OUT]     # DATA_ROOT holds cifar10/train/<class>/*.jpg
 #   bash experiments/cifar10/run_cpu.sh ../shared/data outputs/cifar10_cpu
 #
-# About 3.5 hours of two cores (13 short runs of ~10 minutes, 3 long ones of ~30, evaluation).
+# About 4 hours of two cores (13 short runs of ~10 minutes, 5 long ones of ~30, evaluation).
 # A run directory that already has eval_linear.json is skipped, so the script resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +22,8 @@ RUNS=(
   "long_s0|cifar10_cpu_long|"
   "long_s1|cifar10_cpu_long|seed=1"
   "long_warm04_s0|cifar10_cpu_long|optim.warmup=null optim.warmup_epochs=0.4"
+  "long_flat_lr_s0|cifar10_cpu_long|optim.final_lr=1e-3"
+  "long_flat_lr_s1|cifar10_cpu_long|optim.final_lr=1e-3 seed=1"
   "short_s0|cifar10_cpu_short|"
   "short_s1|cifar10_cpu_short|seed=1"
   "short_init_ref_s0|cifar10_cpu_short|model.init=reference"
@@ -58,7 +60,7 @@ for row in "${RUNS[@]}"; do
 done
 wait
 
-$PY experiments/cifar10/cpu_table.py "$OUT"/*/ --skip hydra.run.dir data_root | tee "$OUT/table.md"
+$PY experiments/cifar10/cpu_table.py "$OUT"/*/ --skip hydra.run.dir data_root trainer.resume | tee "$OUT/table.md"
 $PY experiments/cifar10/plot.py -o experiments/cifar10/curves_cpu.png \
   --panel "recipes and parity options" long="$OUT/long_s0/metrics.jsonl" long/s1="$OUT/long_s1/metrics.jsonl" \
     long_warmup_0.4ep="$OUT/long_warm04_s0/metrics.jsonl" short="$OUT/short_s0/metrics.jsonl" \
