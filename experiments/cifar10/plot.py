@@ -73,13 +73,7 @@ def plot_runs(runs: dict[str, Path], out: Path, title: Optional[str] = None, x: 
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def plot_knn_panels(panels: dict[str, dict[str, Path]], out: Path, title: Optional[str] = None) -> Path:
@@ -107,6 +101,12 @@ def plot_knn_panels(panels: dict[str, dict[str, Path]], out: Path, title: Option
         ax.set(xlabel="image views (millions)", ylabel="kNN top-1 % (10k memory, 5k held out)", title=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(fig, out, title)
+
+
+def _save(fig, out: Path, title: Optional[str]) -> Path:
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
