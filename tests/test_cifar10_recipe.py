@@ -29,9 +29,9 @@ sys.path.insert(0, str(CIFAR10_DIR))
 import pack  # noqa: E402  (experiments/cifar10/pack.py)
 
 # experiment=cifar10_cpu_short: the kNN gain over random init (training-time monitor, 10,000 memory
-# images) that the slow test asserts, below every seed measured (+7.6 for seed 0, which the test
-# runs, and +5.2 for seed 1; experiments/cifar10/README.md).
-SHORT_MARGIN = 4.0
+# images) that the slow test asserts, below every seed measured (+8.4 for seed 0, which the test
+# runs, and +7.6 for seed 1; experiments/cifar10/README.md).
+SHORT_MARGIN = 6.0
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

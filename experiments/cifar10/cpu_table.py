@@ -56,13 +56,17 @@ def _eval(run: Path, protocol: str) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def row(run: Path) -> dict[str, Any]:
+def row(run: Path, config_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """config_keys: settings to show as `key=value` (from config.yaml) where the command line
+    did not set them, e.g. a default that changed after the run."""
     run = Path(run)
     summary = json.loads((run / "summary.json").read_text())
     overrides_file = run / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     config = yaml.safe_load((run / "config.yaml").read_text())
     knn, linear = _eval(run, "knn"), _eval(run, "linear")
+    given = {o.split("=", 1)[0] for o in overrides}
+    overrides = overrides + [f"{k}={config_value(config, k)}" for k in config_keys if k not in given]
     out = {
         "run": str(run), "overrides": overrides, "seed": config["seed"], "status": summary["status"],
         "steps": summary.get("steps"), "views": (summary.get("steps") or 0) * (summary.get("global_batch") or 0),
@@ -78,6 +82,12 @@ def row(run: Path) -> dict[str, Any]:
         "monitor_random_knn": summary.get("random_init_knn_top1"),
     }
     return out
+
+
+def config_value(config: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def markdown(r: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
@@ -103,9 +113,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--skip", nargs="*", default=["hydra.run.dir"],
                    help="leave overrides starting with these out of the table")
+    p.add_argument("--config-keys", nargs="*", default=[],
+                   help="show these settings (from config.yaml) in the overrides column when not given there")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of Markdown")
     a = p.parse_args(argv)
-    rows = [row(r) for r in a.runs]
+    rows = [row(r, tuple(a.config_keys)) for r in a.runs]
     if a.json:
         for r in rows:
             print(json.dumps(r))
