@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.io import encode_jpeg
 
+from hjepa import runs
 from hjepa.config import validate
 from hjepa.data.batch import AugmentParams
 from hjepa.data.cache import DeviceAugment, augment_batch
@@ -26,6 +27,7 @@ from hjepa.train import train
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = ROOT / "experiments" / "cifar10"
 sys.path.insert(0, str(CIFAR10_DIR))
+import cpu_table  # noqa: E402  (experiments/cifar10/cpu_table.py)
 import pack  # noqa: E402  (experiments/cifar10/pack.py)
 
 # experiment=cifar10_cpu_short: the kNN gain over random init (training-time monitor, 10,000 memory
@@ -152,6 +154,29 @@ def test_pack_unpack_is_byte_identical_and_subset_takes_the_first_files(tmp_path
     assert not (tmp_path / "dst" / "cat" / ".hidden.jpg").exists()
     assert pack.subset(src, tmp_path / "sub", per_class=2)["files"] == 20
     assert sorted(os.listdir(tmp_path / "sub" / "dog")) == ["0000.jpg", "0001.jpg"]
+
+
+# ---- the CPU table's rows ------------------------------------------------------------------
+
+def test_cpu_table_row_subtracts_the_monitor_and_shows_the_schedule_a_run_used(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=cifar10_cpu_short\n- seed=1\n- hydra.run.dir=x\n")
+    (run / "config.yaml").write_text("seed: 1\noptim:\n  final_lr: 1.0e-06\n")
+    runs.write_summary(run, runs.Summary(status="completed", steps=100, global_batch=64, wall_time_s=50.0))
+    records = [{"step": 50, "time": 10.0, "loss": 1.0}, {"step": 50, "time": 14.0, "knn/top1": 30.0},
+               {"step": 100, "time": 20.0, "loss": 0.5}, {"step": 100, "time": 26.0, "knn/top1": 33.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for protocol, (trained, random_init) in {"knn": (40.04, 28.46), "linear": (45.0, 30.0)}.items():
+        runs.eval_result(run, protocol).write_text(json.dumps(
+            {"num_train": 45000, "trained": {"top1": trained}, "random_init": {"top1": random_init}}))
+    r = cpu_table.row(run, ("optim.final_lr", "seed"))
+    assert r["train_wall_s"] == 50.0 - 4.0 - 6.0 and r["views"] == 6400
+    assert r["overrides"][-1] == "optim.final_lr=1e-06"  # not set on its command line: from config.yaml
+    assert r["overrides"].count("seed=1") == 1  # set there: not repeated
+    cells = cpu_table.markdown(r, ("hydra.run.dir",)).split(" | ")
+    assert cells[0] == "| `experiment=cifar10_cpu_short` `seed=1` `optim.final_lr=1e-06`"
+    assert cells[4:8] == ["40", "40.0", "28.5", "+11.5"]  # the gain of the rounded scores, as printed
 
 
 # ---- the CPU version of the recipe on real CIFAR-10 JPEGs ----------------------------------

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
+from hjepa import runs
+
 
 def monitor_seconds(metrics: Path) -> float:
     """Seconds spent in the per-epoch monitor (see the module docstring)."""
@@ -38,56 +40,42 @@ def monitor_seconds(metrics: Path) -> float:
     return spent
 
 
-def knn_curve(run: Path) -> list[tuple[int, float]]:
-    """(image views, monitor kNN top-1) after every monitored epoch."""
-    summary = json.loads((run / "summary.json").read_text())
-    config = yaml.safe_load((run / "config.yaml").read_text())  # a stopped run's summary has no batch
-    batch = summary.get("global_batch") or config["hardware"]["batch_size"] * config["trainer"]["grad_accum"]
-    out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line) if line.strip() else {}
-        if "knn/top1" in r:
-            out.append((r["step"] * batch, r["knn/top1"]))
-    return out
-
-
 def _eval(run: Path, protocol: str) -> Optional[dict[str, Any]]:
-    path = run / f"eval_{protocol}.json"
+    path = runs.eval_result(run, protocol)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def row(run: Path, config_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """config_keys: settings to show as `key=value` (from config.yaml) where the command line
-    did not set them, e.g. a default that changed after the run."""
-    run = Path(run)
-    summary = json.loads((run / "summary.json").read_text())
-    overrides_file = run / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    knn, linear = _eval(run, "knn"), _eval(run, "linear")
-    given = {o.split("=", 1)[0] for o in overrides}
-    overrides = overrides + [f"{k}={config_value(config, k)}" for k in config_keys if k not in given]
-    out = {
-        "run": str(run), "overrides": overrides, "seed": config["seed"], "status": summary["status"],
-        "steps": summary.get("steps"), "views": (summary.get("steps") or 0) * (summary.get("global_batch") or 0),
-        "wall_s": summary.get("wall_time_s"),
-        "train_wall_s": (summary["wall_time_s"] - monitor_seconds(run / "metrics.jsonl")
-                         if summary.get("wall_time_s") is not None else None),
-        "knn": knn["trained"]["top1"] if knn else None,
-        "knn_random": knn["random_init"]["top1"] if knn else None,
-        "knn_memory": knn["num_train"] if knn else None,
-        "linear": linear["trained"]["top1"] if linear else None,
-        "linear_random": linear["random_init"]["top1"] if linear else None,
-        "monitor_knn": [round(t, 1) for _, t in knn_curve(run)],
-        "monitor_random_knn": summary.get("random_init_knn_top1"),
-    }
-    return out
 
 
 def config_value(config: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         config = config[part]
     return config
+
+
+def row(run: Path, config_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """config_keys: settings to show as `key=value` (from config.yaml) where the command line
+    did not set them, e.g. a default that changed after the run."""
+    run = Path(run)
+    summary = runs.read_summary(run)
+    if summary is None:
+        raise SystemExit(f"error: {run} has no readable {runs.SUMMARY}: not a run directory")
+    overrides_file = run / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    config = yaml.safe_load((run / runs.CONFIG).read_text())
+    given = {o.split("=", 1)[0] for o in overrides}
+    overrides = overrides + [f"{k}={config_value(config, k)}" for k in config_keys if k not in given]
+    knn, linear = _eval(run, "knn"), _eval(run, "linear")
+    wall = summary.wall_time_s
+    return {
+        "run": str(run), "overrides": overrides, "seed": config["seed"], "status": summary.status,
+        "steps": summary.steps, "views": (summary.steps or 0) * (summary.global_batch or 0), "wall_s": wall,
+        "train_wall_s": None if wall is None else wall - monitor_seconds(run / runs.METRICS),
+        "knn": knn["trained"]["top1"] if knn else None,
+        "knn_random": knn["random_init"]["top1"] if knn else None,
+        "knn_memory": knn["num_train"] if knn else None,
+        "linear": linear["trained"]["top1"] if linear else None,
+        "linear_random": linear["random_init"]["top1"] if linear else None,
+        "monitor_random_knn": summary.random_init_knn_top1,
+    }
 
 
 def markdown(r: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
