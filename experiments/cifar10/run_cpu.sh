@@ -7,7 +7,7 @@
 #   bash experiments/cifar10/run_cpu.sh [DATA_ROOT] [OUT]     # DATA_ROOT holds cifar10/train/<class>/*.jpg
 #   bash experiments/cifar10/run_cpu.sh ../shared/data outputs/cifar10_cpu
 #
-# About 4 hours of two cores (13 short runs of ~10 minutes, 5 long ones of ~30, evaluation).
+# About 4 hours of two cores (14 short runs of ~10 minutes, 6 long ones of ~30, evaluation).
 # A run directory that already has eval_linear.json is skipped, so the script resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,8 +23,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 RUNS=(
   "long_flat_lr_s0|cifar10_cpu_long|optim.final_lr=1e-3"
   "long_flat_lr_s1|cifar10_cpu_long|optim.final_lr=1e-3 seed=1"
+  "long_flat_lr_s2|cifar10_cpu_long|optim.final_lr=1e-3 seed=2"
   "xs_flat_lr_s0|cifar10_cpu_short|optim.final_lr=1e-3"
   "xs_flat_lr_s1|cifar10_cpu_short|optim.final_lr=1e-3 seed=1"
+  "xs_flat_lr_s2|cifar10_cpu_short|optim.final_lr=1e-3 seed=2"
   "long_s0|cifar10_cpu_long|optim.final_lr=1e-6"
   "long_s1|cifar10_cpu_long|optim.final_lr=1e-6 seed=1"
   "long_warm04_s0|cifar10_cpu_long|optim.final_lr=1e-6 optim.warmup=null optim.warmup_epochs=0.4"
@@ -65,10 +67,10 @@ wait
 $PY experiments/cifar10/cpu_table.py "$OUT"/*/ --skip hydra.run.dir data_root trainer.resume \
   --config-keys optim.final_lr | tee "$OUT/table.md"
 $PY experiments/cifar10/plot.py -o experiments/cifar10/curves_cpu.png \
-  --panel "recipes and parity options" long="$OUT/long_flat_lr_s0/metrics.jsonl" long/s1="$OUT/long_flat_lr_s1/metrics.jsonl" \
+  --panel "recipes and parity options" long="$OUT/long_flat_lr_s0/metrics.jsonl" long/s1="$OUT/long_flat_lr_s1/metrics.jsonl" long/s2="$OUT/long_flat_lr_s2/metrics.jsonl" \
     long_cosine="$OUT/long_s0/metrics.jsonl" long_cosine/s1="$OUT/long_s1/metrics.jsonl" \
     long_cosine_warmup_0.4ep="$OUT/long_warm04_s0/metrics.jsonl" short="$OUT/xs_flat_lr_s0/metrics.jsonl" \
-    short/s1="$OUT/xs_flat_lr_s1/metrics.jsonl" short_cosine="$OUT/short_s0/metrics.jsonl" \
+    short/s1="$OUT/xs_flat_lr_s1/metrics.jsonl" short/s2="$OUT/xs_flat_lr_s2/metrics.jsonl" short_cosine="$OUT/short_s0/metrics.jsonl" \
     short_cosine_init_ref="$OUT/short_init_ref_s0/metrics.jsonl" short_cosine_geometry_ref="$OUT/short_geo_ref_s0/metrics.jsonl" \
   --panel "hierarchy ablation (short, cosine)" hjepa3/s0="$OUT/short_s0/metrics.jsonl" hjepa3/s1="$OUT/short_s1/metrics.jsonl" \
     ijepa/s0="$OUT/abl_ijepa_s0/metrics.jsonl" ijepa/s1="$OUT/abl_ijepa_s1/metrics.jsonl" \
